@@ -1,0 +1,1 @@
+"""eardrum.inference: chat, command line and server."""

@@ -1,0 +1,1 @@
+"""eardrum.training: data, recipes, LoRA/QLoRA and accelerate."""
