@@ -199,9 +199,7 @@ class SpeechEncoder(nn.Module):
     Whisper's pre-training; the output is still cut to the clip's own frames.
     """
 
-    def __init__(
-        self, model: nn.Module, spec: FrameSpec, layer: str | int = "last", pad_to_30s: bool = False
-    ) -> None:
+    def __init__(self, model: nn.Module, spec: FrameSpec, layer: str | int = "last", pad_to_30s: bool = False) -> None:
         super().__init__()
         if pad_to_30s and spec.kind != "whisper":
             raise ValueError("pad_to_30s applies only to Whisper encoders")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_w2v, tiny_whisper, w2v_feature_extractor, whisper_feature_extractor
 
+from conftest import tiny_w2v, tiny_whisper, w2v_feature_extractor, whisper_feature_extractor
 from eardrum.adapters.encoders import (
     AudioFeaturizer,
     build_speech_encoder,
@@ -25,13 +25,25 @@ def waves(lengths, seed=0):
 @pytest.fixture(scope="module")
 def whisper():
     model = tiny_whisper()
-    return model, build_speech_encoder(model), AudioFeaturizer(whisper_feature_extractor(), frame_spec_from_config(model.config))
+    return (
+        model,
+        build_speech_encoder(model),
+        AudioFeaturizer(whisper_feature_extractor(), frame_spec_from_config(model.config)),
+    )
 
 
 def test_whisper_num_frames_hand_values(whisper):
     spec = whisper[1].spec
     assert [num_frames(spec, n) for n in (1, 400, 480, 16000, 16159, 16160, 80000, 480000)] == [
-        1, 1, 2, 50, 50, 51, 250, 1500]
+        1,
+        1,
+        2,
+        50,
+        50,
+        51,
+        250,
+        1500,
+    ]
 
 
 @pytest.mark.parametrize("n", [1, 399, 401, 1601, 3203, 16000, 16161, 23457, 48000])

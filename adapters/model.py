@@ -1,0 +1,146 @@
+"""`AudioLLM`: a frozen speech encoder, a trainable projector and any causal LLM.
+
+Symbols: B batch, T_text text length, N_win encoder windows in the batch, T frames per window,
+T_tok audio tokens per window, D_enc encoder width, D_llm LLM hidden size.
+
+The model sees tensors only (the processor builds them): text ids whose audio placeholders are
+already expanded to the exact audio-token count, and one row of features per encoder window.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import AudioLLMConfig, num_audio_tokens
+from .encoders import SpeechEncoder
+from .merge import merge_audio_tokens, text_ids_for_embedding
+from .projectors import Projector
+
+logger = logging.getLogger(__name__)
+
+
+class AudioLLM(nn.Module):
+    """Encoder -> projector -> merge into the text embeddings -> causal LLM.
+
+    The LLM may be a plain transformers model, a peft `PeftModel` (LoRA) or a 4/8-bit model; it is
+    only reached through `get_input_embeddings()`, `forward(inputs_embeds=...)` and `generate`.
+    """
+
+    def __init__(
+        self,
+        config: AudioLLMConfig,
+        encoder: SpeechEncoder,
+        projector: Projector,
+        llm: nn.Module,
+        placeholder_id: int,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.projector = projector
+        self.llm = llm
+        self.placeholder_id = placeholder_id
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """Audio tokens one encoder window of `num_samples` samples yields."""
+        return num_audio_tokens(num_samples, self.encoder.spec, self.config.projector)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    def encode_audio(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (N_win, ...), lengths (N_win,) -> audio tokens (N_win, T_tok, D_llm), token lengths (N_win,)."""
+        enc_param = next(self.encoder.network.parameters())
+        frames, frame_lengths = self.encoder(features.to(enc_param.device), lengths.to(enc_param.device))
+        proj_param = next(self.projector.parameters())
+        frames = frames.to(device=proj_param.device, dtype=proj_param.dtype)  # (N_win, T, D_enc)
+        return self.projector(frames, frame_lengths.to(proj_param.device))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T_text) + audio -> inputs_embeds (B, T_text, D_llm) with audio tokens merged in."""
+        embedding = self.llm.get_input_embeddings()
+        safe_ids = text_ids_for_embedding(input_ids, self.placeholder_id, substitute_id=0)
+        embeds = embedding(safe_ids.to(embedding.weight.device))  # (B, T_text, D_llm)
+        mask = input_ids == self.placeholder_id  # (B, T_text)
+        if audio_features is None:
+            if mask.any():
+                raise ValueError(
+                    f"input_ids hold {int(mask.sum())} audio placeholder tokens but no audio_features were given"
+                )
+            return embeds
+        if audio_lengths is None:
+            raise ValueError("audio_features were given without audio_lengths")
+        tokens, token_lengths = self.encode_audio(audio_features, audio_lengths)
+        return merge_audio_tokens(embeds, mask, tokens, token_lengths)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **llm_kwargs,
+    ):
+        """Run the LLM on merged embeddings; with labels (B, T_text) it returns the loss too."""
+        if labels is not None and bool((labels == self.placeholder_id).any()):
+            raise ValueError("labels contain the audio placeholder id; audio positions must be -100")
+        embeds = self.embed(input_ids, audio_features, audio_lengths)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(embeds.device)
+        if labels is not None:
+            labels = labels.to(embeds.device)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generate from merged embeddings; returns only the new token ids (B, T_new).
+
+        Batched prompts must be left-padded (the processor does so with add_generation_prompt).
+        """
+        embeds = self.embed(input_ids, audio_features, audio_lengths)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        elif input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("batched generation needs left padding; build inputs with padding_side='left'")
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
+        )
+
+    def save_pretrained(self, directory, processor=None):
+        """Write a small checkpoint directory (see `eardrum.adapters.checkpoint`)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, processor)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> AudioLLM:
+        """Rebuild a saved model; its processor is at `.processor`."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(directory, **kwargs)[0]
+
+    def trainable_summary(self) -> dict[str, int]:
+        """Trainable and total parameter counts per part (for logs)."""
+        out = {}
+        for name in ("encoder", "projector", "llm"):
+            params = list(getattr(self, name).parameters())
+            out[f"{name}_trainable"] = sum(p.numel() for p in params if p.requires_grad)
+            out[f"{name}_total"] = sum(p.numel() for p in params)
+        return out

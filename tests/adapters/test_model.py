@@ -1,0 +1,157 @@
+"""AudioLLM: merge by mask, count check, padding sides, loss, generate, LoRA and 4-bit LLMs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tokenizer, tiny_llama, tiny_qwen2, tiny_whisper, whisper_feature_extractor
+from eardrum.adapters.config import AudioLLMConfig
+from eardrum.adapters.encoders import AudioFeaturizer, build_speech_encoder
+from eardrum.adapters.merge import AudioTokenCountError
+from eardrum.adapters.model import AudioLLM
+from eardrum.adapters.processor import AudioProcessor
+from eardrum.adapters.projectors import ProjectorConfig, build_projector
+
+
+def assemble(llm=None, template="chatml", projector="stack"):
+    torch.manual_seed(0)
+    tok = build_tokenizer(template)
+    vocab = len(tok)  # the placeholder id will be == vocab: no embedding row exists for it
+    llm = llm if llm is not None else tiny_llama(vocab_size=vocab)
+    whisper = tiny_whisper()
+    encoder = build_speech_encoder(whisper)
+    cfg = AudioLLMConfig(encoder="tiny-whisper", llm="tiny-llm", projector=ProjectorConfig(name=projector))
+    proc = AudioProcessor(tok, AudioFeaturizer(whisper_feature_extractor(), encoder.spec), cfg)
+    proj = build_projector(cfg.projector, encoder.hidden_size, llm.get_input_embeddings().embedding_dim)
+    return AudioLLM(cfg, encoder, proj, llm, proc.placeholder_id), proc
+
+
+def clip(seconds, seed=0):
+    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32), 16000
+
+
+def conv(seconds, question="what is said?", answer="hello world", seed=0):
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": clip(seconds, seed)}, {"type": "text", "text": question}],
+        },
+        {"role": "assistant", "content": answer},
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return assemble()
+
+
+def test_placeholder_id_has_no_embedding_row(tiny):
+    model, proc = tiny
+    assert proc.placeholder_id == model.llm.get_input_embeddings().num_embeddings
+
+
+def test_merged_embeddings_are_audio_at_placeholders_and_text_elsewhere(tiny):
+    model, proc = tiny
+    batch = proc([conv(0.6), conv(1.3, seed=1)])
+    with torch.no_grad():
+        merged = model.embed(batch["input_ids"], batch["audio_features"], batch["audio_lengths"])
+        tokens, lengths = model.encode_audio(batch["audio_features"], batch["audio_lengths"])
+        text = model.llm.get_input_embeddings()(batch["input_ids"].clamp(max=proc.placeholder_id - 1))
+    mask = batch["input_ids"] == proc.placeholder_id
+    for b in range(2):
+        assert torch.equal(merged[b][mask[b]], tokens[b, : lengths[b]])
+        assert torch.equal(merged[b][~mask[b]], text[b][~mask[b]])
+
+
+def test_count_mismatch_names_both_counts(tiny):
+    model, proc = tiny
+    batch = proc(conv(1.0))
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == proc.placeholder_id).nonzero()[0]] = 5  # drop one placeholder
+    with pytest.raises(AudioTokenCountError, match="12 audio placeholder tokens but the audio yields 13"):
+        model.embed(ids, batch["audio_features"], batch["audio_lengths"])
+    with pytest.raises(ValueError, match="no audio_features"):
+        model.embed(batch["input_ids"])
+
+
+def test_left_and_right_padding_give_the_same_logits(tiny):
+    model, proc = tiny
+    convs = [conv(0.4), conv(1.7, question="a much longer question that needs padding", seed=2)]
+    right = proc(convs, padding_side="right")
+    left = proc(convs, padding_side="left")
+    with torch.no_grad():
+        lr = model(**{k: v for k, v in right.items() if k != "labels"}).logits
+        ll = model(**{k: v for k, v in left.items() if k != "labels"}).logits
+    for b in range(2):
+        n = int(right["attention_mask"][b].sum())
+        torch.testing.assert_close(lr[b, :n], ll[b, -n:], atol=1e-5, rtol=0)
+
+
+def test_loss_is_cross_entropy_on_labelled_tokens_only(tiny):
+    model, proc = tiny
+    batch = proc([conv(0.5), conv(0.9, answer="one two three", seed=3)])
+    with torch.no_grad():
+        out = model(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    model, proc = tiny
+    convs = [conv(0.5)[:1], conv(1.5, question="tell me more about this recording", seed=4)[:1]]
+    batch = proc(convs, add_generation_prompt=True)
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b, c in enumerate(convs):
+        alone = model.generate(
+            **proc([c], add_generation_prompt=True), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+        assert out[b].tolist() == alone[0].tolist()
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(**proc(convs, add_generation_prompt=True, padding_side="right"), max_new_tokens=2)
+
+
+def test_gradients_reach_projector_only_when_llm_is_frozen(tiny):
+    model, proc = tiny
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    model.zero_grad()
+    model(**proc(conv(0.5))).loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_lora_wrapped_llm_trains_adapters_and_projector():
+    from peft import LoraConfig, get_peft_model
+
+    model, proc = assemble(tiny_qwen2(vocab_size=len(build_tokenizer("chatml"))), template="chatml")
+    model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model(**proc(conv(0.5))).loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any("lora_A" in n for n in trained) and any(n.startswith("projector.") for n in trained)
+    assert not any("encoder." in n for n in trained)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trained)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_llm_forward_and_generate(tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # bitsandbytes' CPU 4-bit kernels need output widths that are multiples of 64
+    tiny_llama(vocab_size=len(build_tokenizer("chatml")), hidden=64, kv_heads=4).save_pretrained(tmp_path)
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        if bits == "4bit"
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
+    model, proc = assemble(llm)
+    out = model(**proc(conv(0.5)))
+    assert torch.isfinite(out.loss)
+    new = model.generate(
+        **proc([conv(0.5)[0]], add_generation_prompt=True), max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert new.shape == (1, 3)
