@@ -1,0 +1,202 @@
+"""Build an `AudioLLM` from a config, save it as a small directory, load it back, export a merged LLM.
+
+A checkpoint directory holds only what was trained plus what is needed to rebuild the rest:
+    eardrum_config.json     the AudioLLMConfig, the encoder's frame spec, dimensions, versions
+    projector.safetensors   the projector (and the encoder's layer weights, if learned)
+    llm_adapter/            the LoRA adapter (peft, safetensors), when the LLM has one
+    tokenizer + preprocessor files
+Nothing of the frozen base encoder or LLM is written; they are loaded from their sources.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import AudioLLMConfig
+from .encoders import AudioFeaturizer, FrameSpec, build_speech_encoder
+from .model import AudioLLM
+from .processor import AudioProcessor
+from .projectors import build_projector
+from .sources import load_causal_lm, load_speech_model
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "eardrum_config.json"
+WEIGHTS_NAME = "projector.safetensors"
+ADAPTER_DIR = "llm_adapter"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing files or does not match its base models."""
+
+
+def build_audio_llm(
+    config: AudioLLMConfig,
+    *,
+    quantization: str | None = None,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[AudioLLM, AudioProcessor]:
+    """Load the base encoder and LLM named by `config` and attach a freshly initialised projector."""
+    config.validate()
+    speech_model, feature_extractor = load_speech_model(config.encoder, cache_dir=cache_dir)
+    encoder = build_speech_encoder(speech_model, config.encoder_layer, config.pad_to_30s)
+    llm, tokenizer = load_causal_lm(
+        config.llm, quantization=quantization, dtype=dtype, trust_remote_code=config.trust_remote_code
+    )
+    featurizer = AudioFeaturizer(feature_extractor, encoder.spec, config.pad_to_30s)
+    processor = AudioProcessor(tokenizer, featurizer, config)
+    d_llm = llm.get_input_embeddings().embedding_dim
+    projector = build_projector(config.projector, encoder.hidden_size, d_llm)
+    model = AudioLLM(config, encoder, projector, llm, processor.placeholder_id)
+    model.processor = processor
+    counts = model.trainable_summary()
+    logger.info(
+        "built audio LLM: encoder %s (%d params, frozen), LLM %s (%d params), projector %s (%d params)",
+        config.encoder,
+        counts["encoder_total"],
+        config.llm,
+        counts["llm_total"],
+        config.projector.name,
+        counts["projector_total"],
+    )
+    return model, processor
+
+
+def _trained_state(model: AudioLLM) -> dict[str, torch.Tensor]:
+    state = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    if model.encoder.select.weights is not None:
+        state["encoder.select.weights"] = model.encoder.select.weights.detach()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {
+        "eardrum": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def save_pretrained(model: AudioLLM, directory: str | Path, processor: AudioProcessor | None = None) -> Path:
+    """Write the checkpoint directory described in this module's docstring."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    processor = processor or getattr(model, "processor", None)
+    if processor is None:
+        raise CheckpointError("save_pretrained needs the processor (tokenizer and feature extractor) of the model")
+    meta = {
+        "config": model.config.to_dict(),
+        "frame_spec": model.encoder.spec.to_dict(),
+        "projector_input_dim": model.encoder.hidden_size,
+        "llm_hidden_size": model.llm.get_input_embeddings().embedding_dim,
+        "placeholder_id": model.placeholder_id,
+        "has_lora": hasattr(model.llm, "peft_config"),
+        "versions": _versions(),
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(_trained_state(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if meta["has_lora"]:
+        model.llm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
+    processor.tokenizer.save_pretrained(str(directory))
+    processor.featurizer.feature_extractor.save_pretrained(str(directory))
+    return directory
+
+
+def read_checkpoint_meta(directory: str | Path) -> dict:
+    """The parsed eardrum_config.json of a checkpoint directory, with a clear error if absent."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not an eardrum checkpoint: {CONFIG_NAME} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def load_processor(directory: str | Path) -> AudioProcessor:
+    """Rebuild the processor of a checkpoint without loading any model weights."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    meta = read_checkpoint_meta(directory)
+    config = AudioLLMConfig.from_dict(meta["config"])
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    feature_extractor = AutoFeatureExtractor.from_pretrained(str(directory))
+    featurizer = AudioFeaturizer(feature_extractor, FrameSpec.from_dict(meta["frame_spec"]), config.pad_to_30s)
+    return AudioProcessor(tokenizer, featurizer, config)
+
+
+def load_pretrained(
+    directory: str | Path,
+    *,
+    quantization: str | None = None,
+    dtype: torch.dtype | None = None,
+    is_trainable: bool = False,
+    cache_dir: str | Path | None = None,
+) -> tuple[AudioLLM, AudioProcessor]:
+    """Rebuild the model of a checkpoint directory from its base sources and its trained weights."""
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    config = AudioLLMConfig.from_dict(meta["config"])
+    model, _ = build_audio_llm(config, quantization=quantization, dtype=dtype, cache_dir=cache_dir)
+    processor = load_processor(directory)
+    if processor.placeholder_id != meta["placeholder_id"]:
+        raise CheckpointError(
+            f"{directory}: placeholder id {processor.placeholder_id} != saved {meta['placeholder_id']}"
+        )
+    if model.encoder.spec != FrameSpec.from_dict(meta["frame_spec"]):
+        raise CheckpointError(f"{directory}: the encoder {config.encoder} no longer matches the saved frame spec")
+    state = load_file(str(directory / WEIGHTS_NAME))
+    _load_trained_state(model, state, directory)
+    if meta.get("has_lora"):
+        from peft import PeftModel
+
+        model.llm = PeftModel.from_pretrained(model.llm, str(directory / ADAPTER_DIR), is_trainable=is_trainable)
+    model.processor = processor
+    return model, processor
+
+
+def _load_trained_state(model: AudioLLM, state: dict[str, torch.Tensor], directory: Path) -> None:
+    projector_state = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
+    missing, unexpected = model.projector.load_state_dict(projector_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME}: projector weights do not match the config "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
+    if "encoder.select.weights" in state:
+        if model.encoder.select.weights is None:
+            raise CheckpointError(f"{directory / WEIGHTS_NAME}: has layer weights but encoder_layer is not 'weighted'")
+        with torch.no_grad():
+            model.encoder.select.weights.copy_(state["encoder.select.weights"])
+
+
+def merge_lora(directory: str | Path, out_dir: str | Path) -> Path:
+    """Export the checkpoint's LLM with its LoRA merged in as a plain transformers folder."""
+    from transformers import AutoModelForCausalLM
+
+    meta = read_checkpoint_meta(directory)
+    if not meta.get("has_lora"):
+        raise CheckpointError(f"{directory} has no LoRA adapter to merge")
+    model, processor = load_pretrained(directory)
+    merged = model.llm.merge_and_unload()
+    # A base read from GGUF refuses save_pretrained; a plain model of the same config does not.
+    config = merged.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(merged.state_dict())
+    out_dir = Path(out_dir)
+    plain.save_pretrained(str(out_dir), safe_serialization=True)
+    processor.tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,88 @@
+"""The `eardrum` command line.
+
+    eardrum info MODEL_DIR [--json]        what a checkpoint holds
+    eardrum smoke [--out DIR] [--steps N]  a tiny end-to-end run on random tiny models
+    eardrum merge-lora MODEL_DIR OUT_DIR   export the LLM with its LoRA merged in
+
+User mistakes end with one line on stderr and exit code 2; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+
+
+def _info(args: argparse.Namespace) -> int:
+    from eardrum.adapters.summary import describe_checkpoint, format_summary
+
+    summary = describe_checkpoint(args.model_dir)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from eardrum.training.smoke import run_smoke
+
+    out = args.out or tempfile.mkdtemp(prefix="eardrum-smoke-")
+    print(f"eardrum smoke: tiny random Whisper + Llama bases, stack projector + LoRA, {args.steps} steps, in {out}")
+    result = run_smoke(out, steps=args.steps)
+    print(f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}")
+    print(f"checkpoint {result['checkpoint']} (reload gives bit-identical logits: {result['reload_bit_identical']})")
+    for caption, answer in result["answers"].items():
+        print(f"  sound '{caption}': the model answers {answer.strip()!r}")
+    print(f"{result['correct']}/{len(result['answers'])} sounds captioned right in {result['seconds']:.1f} s")
+    ok = result["reload_bit_identical"] and result["last_loss"] < result["first_loss"]
+    return 0 if ok else 1
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from eardrum.adapters.checkpoint import merge_lora
+
+    print(f"merged LLM written to {merge_lora(args.model_dir, args.out_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from eardrum.adapters import __version__
+
+    parser = argparse.ArgumentParser(prog="eardrum", description="Give a large language model ears.")
+    parser.add_argument("--version", action="version", version=f"eardrum {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded from where")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print what a checkpoint directory holds")
+    info.add_argument("model_dir")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(run=_info)
+    smoke = sub.add_parser("smoke", help="tiny end-to-end run: build, train, save, reload, answer")
+    smoke.add_argument("--out", help="folder for the bases and the checkpoint (default: a new temp folder)")
+    smoke.add_argument("--steps", type=int, default=120)
+    smoke.set_defaults(run=_smoke)
+    merge = sub.add_parser("merge-lora", help="export the checkpoint's LLM with LoRA merged, as a transformers folder")
+    merge.add_argument("model_dir")
+    merge.add_argument("out_dir")
+    merge.set_defaults(run=_merge_lora)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `eardrum` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
