@@ -8,6 +8,7 @@ processor, the model's merge check, the batching code and the benchmarks all cal
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from .encoders import FrameSpec, num_frames
 from .projectors import ProjectorConfig, ProjectorConfigError, projector_num_tokens
@@ -87,6 +88,25 @@ class AudioLLMConfig:
         if unknown:
             raise ConfigError(f"unknown audio LLM config keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
+
+
+def load_config_file(path: str | Path) -> AudioLLMConfig:
+    """Read an `AudioLLMConfig` from the `model:` section of a YAML file, validated."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read YAML ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
+    try:
+        config = AudioLLMConfig.from_dict(data["model"])
+        config.validate()
+    except (ConfigError, ProjectorConfigError, TypeError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return config
 
 
 def window_samples(config: AudioLLMConfig, spec: FrameSpec) -> int:
