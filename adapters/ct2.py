@@ -190,8 +190,10 @@ class _Variables:
         return torch.from_numpy(np.ascontiguousarray(value))
 
     def scalar(self, name: str) -> int:
-        if name not in self.remaining or self.remaining[name].ndim != 0:
+        if name not in self.remaining:
             raise CT2FormatError(f"missing scalar variable {name!r}")
+        if self.remaining[name].ndim != 0:
+            raise CT2FormatError(f"{name!r} has shape {self.remaining[name].shape}; expected a scalar")
         return int(self.remaining.pop(name))
 
     def num_layers(self, stack: str) -> int:

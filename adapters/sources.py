@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -24,6 +24,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     FeatureExtractionMixin,
     GenerationConfig,
     PreTrainedModel,
@@ -62,8 +63,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = (None, "4bit", "8bit")
+SourceKind = Literal["ct2_whisper", "gguf", "local", "hub"]
 # Bump when the converted folder's layout changes, so that stale caches are rebuilt rather than reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 _HASHED_FILES = ("model.bin", "config.json", "tokenizer.json")
 _MEL_FRAMES_PER_SECOND = 50  # encoder positions per second of audio: 100 mel frames, conv stride 2
 _LANGUAGE_TOKEN = re.compile(r"^<\|[a-z]{2,3}\|>$")
@@ -109,7 +111,7 @@ def _existing_path(source: str) -> Path | None:
     return None
 
 
-def describe_source(source: str) -> str:
+def describe_source(source: str) -> SourceKind:
     """Says what kind of source `source` is: "ct2_whisper", "gguf", "local" or "hub".
 
     Raises:
@@ -263,6 +265,8 @@ def _generation_config(
     if config.is_multilingual:
         config.lang_to_id = {t: i for t, i in vocab.items() if _LANGUAGE_TOKEN.match(t)}
         config.task_to_id = {"transcribe": tokens["transcribe"], "translate": tokens["translate"]}
+        # Without a task in the prompt a multilingual Whisper runs on into repetitions; callers may override.
+        config.task = "transcribe"
     return config
 
 
@@ -290,6 +294,7 @@ def load_speech_model(
     """
     path = _existing_path(source)
     location = str(path) if path is not None else source
+    # A transformers folder never holds model.bin; the converter reads its header and says what it found.
     if path is not None and path.is_dir() and (path / "model.bin").is_file():
         location = str(convert_ct2_whisper(path, cache_dir))
     config = AutoConfig.from_pretrained(location)
@@ -307,15 +312,13 @@ def load_speech_model(
     return model, feature_extractor
 
 
-def _quantization_config(quantization: str | None) -> Any:
+def _quantization_config(quantization: str | None) -> BitsAndBytesConfig | None:
     if quantization not in QUANTIZATIONS:
         raise UnknownQuantizationError(
             f"quantization={quantization!r}; expected one of {', '.join(map(repr, QUANTIZATIONS))}"
         )
     if quantization is None:
         return None
-    from transformers import BitsAndBytesConfig  # needs bitsandbytes only when quantizing
-
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -333,7 +336,7 @@ def _resolve_llm_source(source: str, gguf_file: str | None) -> tuple[str, str | 
         return source, gguf_file
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise SourceNotFoundError(f"source {source!r} is a file; expected a folder or a .gguf file")
+            raise SourceError(f"source {source!r} is a file; expected a folder or a .gguf file")
         if gguf_file is not None and gguf_file != path.name:
             raise SourceError(f"source {source!r} is a GGUF file already; gguf_file={gguf_file!r} conflicts")
         return str(path.parent), path.name
@@ -367,9 +370,16 @@ def load_causal_lm(
     Raises:
         UnknownQuantizationError: `quantization` is not one of `QUANTIZATIONS`.
         SourceNotFoundError: `source` looks like a local path but does not exist.
+        SourceError: quantization was asked for a GGUF file, `gguf_file` contradicts `source`, or
+            `source` is a file other than a GGUF.
     """
     quantization_config = _quantization_config(quantization)
     location, gguf_file = _resolve_llm_source(source, gguf_file)
+    if gguf_file is not None and quantization_config is not None:
+        raise SourceError(
+            f"quantization={quantization!r} with GGUF file {gguf_file!r}: transformers does not quantize a "
+            "GGUF checkpoint; use quantization=None, or a transformers folder of the same model"
+        )
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
