@@ -56,6 +56,10 @@ class AudioLLM(nn.Module):
         """features (N_win, ...), lengths (N_win,) -> audio tokens (N_win, T_tok, D_llm), token lengths (N_win,)."""
         enc_param = next(self.encoder.network.parameters())
         frames, frame_lengths = self.encoder(features.to(enc_param.device), lengths.to(enc_param.device))
+        return self.project_frames(frames, frame_lengths)
+
+    def project_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder frames (N_win, T, D_enc), e.g. from a feature cache -> audio tokens, token lengths."""
         proj_param = next(self.projector.parameters())
         frames = frames.to(device=proj_param.device, dtype=proj_param.dtype)  # (N_win, T, D_enc)
         return self.projector(frames, frame_lengths.to(proj_param.device))
@@ -65,21 +69,34 @@ class AudioLLM(nn.Module):
         input_ids: torch.Tensor,
         audio_features: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        frame_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T_text) + audio -> inputs_embeds (B, T_text, D_llm) with audio tokens merged in."""
+        """input_ids (B, T_text) + audio -> inputs_embeds (B, T_text, D_llm) with audio tokens merged in.
+
+        Audio comes as features for the encoder (audio_features, audio_lengths) or as encoder
+        frames computed earlier (audio_frames (N_win, T, D_enc), frame_lengths), never both.
+        """
         embedding = self.llm.get_input_embeddings()
         safe_ids = text_ids_for_embedding(input_ids, self.placeholder_id, substitute_id=0)
         embeds = embedding(safe_ids.to(embedding.weight.device))  # (B, T_text, D_llm)
         mask = input_ids == self.placeholder_id  # (B, T_text)
-        if audio_features is None:
+        if audio_features is not None and audio_frames is not None:
+            raise ValueError("give audio_features or audio_frames, not both")
+        if audio_features is None and audio_frames is None:
             if mask.any():
                 raise ValueError(
                     f"input_ids hold {int(mask.sum())} audio placeholder tokens but no audio_features were given"
                 )
             return embeds
-        if audio_lengths is None:
-            raise ValueError("audio_features were given without audio_lengths")
-        tokens, token_lengths = self.encode_audio(audio_features, audio_lengths)
+        if audio_frames is not None:
+            if frame_lengths is None:
+                raise ValueError("audio_frames were given without frame_lengths")
+            tokens, token_lengths = self.project_frames(audio_frames, frame_lengths)
+        else:
+            if audio_lengths is None:
+                raise ValueError("audio_features were given without audio_lengths")
+            tokens, token_lengths = self.encode_audio(audio_features, audio_lengths)
         return merge_audio_tokens(embeds, mask, tokens, token_lengths)
 
     def forward(
@@ -89,12 +106,14 @@ class AudioLLM(nn.Module):
         audio_features: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        frame_lengths: torch.Tensor | None = None,
         **llm_kwargs,
     ):
         """Run the LLM on merged embeddings; with labels (B, T_text) it returns the loss too."""
         if labels is not None and bool((labels == self.placeholder_id).any()):
             raise ValueError("labels contain the audio placeholder id; audio positions must be -100")
-        embeds = self.embed(input_ids, audio_features, audio_lengths)
+        embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
         if attention_mask is not None:
             attention_mask = attention_mask.to(embeds.device)
         if labels is not None:
@@ -108,13 +127,15 @@ class AudioLLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        frame_lengths: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Generate from merged embeddings; returns only the new token ids (B, T_new).
 
         Batched prompts must be left-padded (the processor does so with add_generation_prompt).
         """
-        embeds = self.embed(input_ids, audio_features, audio_lengths)
+        embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
         elif input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):

@@ -93,7 +93,8 @@ class AudioProcessor:
         label_mode: str | None = None,
         padding_side: str | None = None,
         max_length: int | None = None,
-    ) -> dict[str, torch.Tensor]:
+        featurize: bool = True,
+    ) -> dict:
         """Build a padded batch.
 
         Args:
@@ -103,10 +104,13 @@ class AudioProcessor:
             label_mode: "all_assistant", "last_assistant" or "after_audio"; default from the config.
             padding_side: default "left" for generation, "right" for training.
             max_length: longer sequences are an error (never cut silently).
+            featurize: False returns the raw windows as `audio_windows` (a list of 1-D float32
+                arrays at 16 kHz) instead of features, for callers that cache encoder outputs.
 
         Returns:
             input_ids (B, T_text), attention_mask (B, T_text), labels (B, T_text) if asked,
-            audio_features (N_win, ...) and audio_lengths (N_win,) if there is audio.
+            audio_features (N_win, ...) and audio_lengths (N_win,) if there is audio (or
+            audio_windows with featurize=False).
         """
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
@@ -119,7 +123,9 @@ class AudioProcessor:
             rows.append(self._tokenize(rendered, i, labels_on, max_length))
             windows.extend(rendered.windows)
         batch = self._pad(rows, side, labels_on)
-        if windows:
+        if windows and not featurize:
+            batch["audio_windows"] = windows
+        elif windows:
             batch["audio_features"], batch["audio_lengths"] = self.featurizer(windows)
         return batch
 

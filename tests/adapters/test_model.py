@@ -155,3 +155,16 @@ def test_quantized_llm_forward_and_generate(tmp_path, bits):
         **proc([conv(0.5)[0]], add_generation_prompt=True), max_new_tokens=3, do_sample=False, pad_token_id=0
     )
     assert new.shape == (1, 3)
+
+
+def test_precomputed_encoder_frames_give_the_same_logits(tiny):
+    model, proc = tiny
+    batch = proc([conv(0.6), conv(1.1, seed=5)])
+    with torch.no_grad():
+        frames, frame_lengths = model.encoder(batch["audio_features"], batch["audio_lengths"])
+        direct = model(**batch).logits
+        rest = {k: v for k, v in batch.items() if not k.startswith("audio_")}
+        cached = model(**rest, audio_frames=frames, frame_lengths=frame_lengths).logits
+    assert torch.equal(direct, cached)
+    with pytest.raises(ValueError, match="not both"):
+        model(**batch, audio_frames=frames, frame_lengths=frame_lengths)

@@ -187,3 +187,11 @@ def test_max_audio_seconds_is_enforced():
 def test_text_containing_the_placeholder_is_caught():
     with pytest.raises(ConversationError, match="expected 13 audio placeholders"):
         make()(ask(clip(1.0), question=f"sneaky {PH}"))
+
+
+def test_featurize_false_returns_the_raw_windows_in_order():
+    proc = make(window_seconds=10.0)
+    batch = proc(ask(clip(25.0)), featurize=False)
+    assert "audio_features" not in batch
+    assert [len(w) for w in batch["audio_windows"]] == [160000, 160000, 80000]
+    assert np.array_equal(np.concatenate(batch["audio_windows"]), clip(25.0)[0])
