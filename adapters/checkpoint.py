@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "eardrum_config.json"
 WEIGHTS_NAME = "projector.safetensors"
 ADAPTER_DIR = "llm_adapter"
+ENCODER_ADAPTER = "encoder_adapter.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -54,7 +55,7 @@ def build_audio_llm(
     processor = AudioProcessor(tokenizer, featurizer, config)
     d_llm = llm.get_input_embeddings().embedding_dim
     projector = build_projector(config.projector, encoder.hidden_size, d_llm)
-    model = AudioLLM(config, encoder, projector, llm, processor.placeholder_id)
+    model = AudioLLM(config, encoder, projector, llm, processor.placeholder_id).eval()
     model.processor = processor
     counts = model.trainable_summary()
     logger.info(
@@ -102,15 +103,32 @@ def save_pretrained(model: AudioLLM, directory: str | Path, processor: AudioProc
         "llm_hidden_size": model.llm.get_input_embeddings().embedding_dim,
         "placeholder_id": model.placeholder_id,
         "has_lora": hasattr(model.llm, "peft_config"),
+        "encoder_lora": _jsonable(getattr(model.encoder, "lora_config", None)),
         "versions": _versions(),
     }
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(_trained_state(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     if meta["has_lora"]:
         model.llm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
+    if meta["encoder_lora"]:
+        lora = {k: v.detach().cpu().contiguous() for k, v in model.encoder.network.state_dict().items() if "lora_" in k}
+        save_file(lora, str(directory / ENCODER_ADAPTER), metadata={"format": "pt"})
     processor.tokenizer.save_pretrained(str(directory))
     processor.featurizer.feature_extractor.save_pretrained(str(directory))
     return directory
+
+
+def _jsonable(value):
+    """peft configs hold sets and enums; JSON wants lists and strings."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value.value if hasattr(value, "value") else value)
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict:
@@ -158,6 +176,8 @@ def load_pretrained(
         raise CheckpointError(f"{directory}: the encoder {config.encoder} no longer matches the saved frame spec")
     state = load_file(str(directory / WEIGHTS_NAME))
     _load_trained_state(model, state, directory)
+    if meta.get("encoder_lora"):
+        _load_encoder_lora(model, meta["encoder_lora"], directory)
     if meta.get("has_lora"):
         from peft import PeftModel
 
@@ -179,6 +199,25 @@ def _load_trained_state(model: AudioLLM, state: dict[str, torch.Tensor], directo
             raise CheckpointError(f"{directory / WEIGHTS_NAME}: has layer weights but encoder_layer is not 'weighted'")
         with torch.no_grad():
             model.encoder.select.weights.copy_(state["encoder.select.weights"])
+
+
+def _load_encoder_lora(model: AudioLLM, lora_config: dict, directory: Path) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    known = set(LoraConfig.__dataclass_fields__)
+    config = LoraConfig(**{k: v for k, v in lora_config.items() if k in known and k not in ("peft_type", "task_type")})
+    inject_adapter_in_model(config, model.encoder.network)
+    model.encoder.network.eval()
+    model.encoder.lora_config = config.to_dict()
+    state = load_file(str(directory / ENCODER_ADAPTER))
+    missing, unexpected = model.encoder.network.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "lora_" in k]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / ENCODER_ADAPTER}: encoder LoRA mismatch (missing {missing}, unexpected {sorted(unexpected)})"
+        )
+    for p in model.encoder.network.parameters():
+        p.requires_grad_(False)
 
 
 def merge_lora(directory: str | Path, out_dir: str | Path) -> Path:

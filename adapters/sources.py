@@ -63,7 +63,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = (None, "4bit", "8bit")
-SourceKind = Literal["ct2_whisper", "gguf", "local", "hub"]
+SourceKind = Literal["ct2_whisper", "gguf", "local", "hub", "tiny"]
+TINY_PREFIX = "tiny:"  # "tiny:whisper", "tiny:llama", ...: tiny random bases written once into the cache
+TINY_VERSION = 1
 # Bump when the converted folder's layout changes, so that stale caches are rebuilt rather than reused.
 CONVERTER_VERSION = 2
 _HASHED_FILES = ("model.bin", "config.json", "tokenizer.json")
@@ -98,8 +100,32 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def tiny_source_path(source: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder of a `tiny:NAME` source, written (atomically, once) from `eardrum.adapters.tiny`."""
+    from .tiny import TINY_BASES, save_tiny_bases
+
+    name = source.removeprefix(TINY_PREFIX)
+    if name not in TINY_BASES:
+        raise SourceError(
+            f"source {source!r}: unknown tiny model; expected one of {', '.join(TINY_PREFIX + n for n in TINY_BASES)}"
+        )
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    final = root / "tiny" / f"v{TINY_VERSION}"
+    if not (final / name / "config.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
+        save_tiny_bases(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first; its folder is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / name
+
+
 def _existing_path(source: str) -> Path | None:
     """The local path `source` names, None for a hub id; a path-like source that is missing is an error."""
+    if source.startswith(TINY_PREFIX):
+        return tiny_source_path(source)
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -117,6 +143,8 @@ def describe_source(source: str) -> SourceKind:
     Raises:
         SourceNotFoundError: `source` looks like a local path but does not exist.
     """
+    if source.startswith(TINY_PREFIX):
+        return "tiny"
     path = _existing_path(source)
     if path is None:
         return "hub"

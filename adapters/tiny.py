@@ -7,8 +7,10 @@ Use `save_tiny_bases(folder)` to get local folders that any eardrum source setti
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # ---------------------------------------------------------------- tokenizers
@@ -165,6 +167,9 @@ def w2v_feature_extractor():
     return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
 
 
+TINY_BASES = ("whisper", "wav2vec2", "llama", "qwen2")
+
+
 def save_tiny_bases(root: str | Path, template: str = "chatml") -> dict[str, str]:
     """Write tiny random `whisper`, `wav2vec2`, `llama` and `qwen2` folders under `root`; return their paths."""
     root = Path(root)
@@ -182,3 +187,60 @@ def save_tiny_bases(root: str | Path, template: str = "chatml") -> dict[str, str
         extra.save_pretrained(path)
         dirs[name] = str(path)
     return dirs
+
+
+# ---------------------------------------------------------------- tiny data
+TINY_SOUNDS = {  # caption -> (frequency in Hz, number of beeps)
+    "a low tone": (220.0, 1),
+    "a high tone": (1760.0, 1),
+    "two beeps": (880.0, 2),
+    "three beeps": (660.0, 3),
+}
+
+
+def synth_sound(freq: float, beeps: int, seconds: float = 1.0, rate: int = 16000, phase: float = 0.0) -> np.ndarray:
+    """`beeps` equal tone bursts of `freq` Hz separated by silence, (seconds * rate,) float32."""
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t + phase)
+    slot = len(t) // (2 * beeps)
+    gate = np.zeros_like(t)
+    for b in range(beeps):
+        gate[2 * b * slot : (2 * b + 1) * slot] = 1.0
+    return (wave * gate).astype(np.float32)
+
+
+def write_tiny_dataset(folder: str | Path, variants: int = 3) -> dict[str, Path]:
+    """Write synthetic tone clips and three manifests (caption, qa, chat shapes) plus an eval split.
+
+    Returns the manifest paths: {"caption", "qa", "chat", "eval"}. Deterministic.
+    """
+    import soundfile as sf
+
+    folder = Path(folder)
+    (folder / "clips").mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[dict]] = {"caption": [], "qa": [], "chat": [], "eval": []}
+    for k, (caption, (freq, beeps)) in enumerate(TINY_SOUNDS.items()):
+        for v in range(variants + 1):
+            name = f"clips/sound{k}_v{v}.wav"
+            sf.write(folder / name, synth_sound(freq, beeps, 0.5 + 0.1 * v, phase=v), 16000, subtype="PCM_16")
+            split = "eval" if v == variants else None
+            lines[split or "caption"].append({"audio": name, "text": caption, "task": "caption"})
+            if split is None:
+                count = "one" if beeps == 1 else caption.split()[0]
+                lines["qa"].append({"audio": name, "question": "how many beeps?", "answer": count})
+                lines["chat"].append(
+                    {
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [{"type": "audio", "audio": name}, {"type": "text", "text": "hi"}],
+                            },
+                            {"role": "assistant", "content": caption},
+                        ]
+                    }
+                )
+    paths = {}
+    for key, rows in lines.items():
+        paths[key] = folder / f"{key}.jsonl"
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths

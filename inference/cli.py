@@ -1,5 +1,6 @@
 """The `eardrum` command line.
 
+    eardrum train RECIPE.yaml [key.sub=value ...]   train (also under `accelerate launch`)
     eardrum info MODEL_DIR [--json]        what a checkpoint holds
     eardrum smoke [--out DIR] [--steps N]  a tiny end-to-end run on random tiny models
     eardrum merge-lora MODEL_DIR OUT_DIR   export the LLM with its LoRA merged in
@@ -15,6 +16,22 @@ import logging
 import os
 import sys
 import tempfile
+
+
+def _train(args: argparse.Namespace) -> int:
+    from eardrum.training.recipe import load_recipe
+    from eardrum.training.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.check:
+        print(f"{args.recipe}: OK")
+        return 0
+    result = train(recipe)
+    if "final" in result:
+        print(f"trained {result['steps']} steps in {result['seconds']:.1f} s; model saved to {result['final']}")
+        if result.get("eval"):
+            print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -55,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"eardrum {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded from where")
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a YAML recipe with key.sub=value overrides")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="e.g. output_dir=runs/x optim.lr=3e-4")
+    train.add_argument("--check", action="store_true", help="only check the recipe and exit")
+    train.set_defaults(run=_train)
     info = sub.add_parser("info", help="print what a checkpoint directory holds")
     info.add_argument("model_dir")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -73,15 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `eardrum` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    quiet = not args.verbose and args.command not in ("train",)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError) as err:
         print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "TrainingError":
+            raise
+        print(f"eardrum {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

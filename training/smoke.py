@@ -18,7 +18,7 @@ import torch
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
-from eardrum.adapters.tiny import save_tiny_bases
+from eardrum.adapters.tiny import save_tiny_bases, synth_sound
 
 logger = logging.getLogger(__name__)
 
@@ -26,17 +26,6 @@ QUESTION = "what do you hear?"
 # The random LLM's output layer is tiny, so it gets an adapter too or the loss cannot go far down.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 SOUNDS = {"a low tone": (220.0, 1), "a high tone": (1760.0, 1), "two beeps": (880.0, 2)}
-
-
-def synth_sound(freq: float, beeps: int, seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
-    """`beeps` equal tone bursts of `freq` Hz separated by silence, (seconds * rate,) float32."""
-    t = np.arange(int(seconds * rate)) / rate
-    wave = 0.5 * np.sin(2 * np.pi * freq * t)
-    slot = len(t) // (2 * beeps)
-    gate = np.zeros_like(t)
-    for b in range(beeps):
-        gate[2 * b * slot : (2 * b + 1) * slot] = 1.0
-    return (wave * gate).astype(np.float32)
 
 
 def _conversation(caption: str | None, wave: np.ndarray) -> list[dict]:

@@ -1,0 +1,174 @@
+"""Training checkpoints: written atomically, rotated, and enough to resume a run exactly.
+
+    output_dir/checkpoints/step-00000100/
+        model/                      the exportable eardrum model (projector, LoRA, tokenizer)
+        trainable.safetensors       every trainable tensor by name (what resume loads)
+        optimizer.safetensors       optimizer state tensors; optimizer.json: its param groups
+        rng-rank{R}.safetensors     each rank's torch (and CUDA) RNG states
+        trainer_state.json          step, epoch, batches done in the epoch, python/numpy RNG, metrics
+
+Nothing here uses pickle: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """`latest` -> the newest complete checkpoint (None if there is none); a folder -> itself, checked."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"train.resume_from: {path} is not a training checkpoint (no trainer_state.json)")
+    return path
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
+    """Load trainable tensors by name; every trainable parameter must be present."""
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise ValueError(
+            f"{path}: the checkpoint's trainable tensors do not match this model "
+            f"(missing {sorted(wanted - set(state))[:5]}, unexpected {sorted(set(state) - wanted)[:5]}); "
+            "was the recipe changed since it was written?"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) capturing torch, CUDA, numpy and python RNG states."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], data: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = data["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate((data["python"][0], tuple(data["python"][1]), data["python"][2]))
+
+
+def save_training_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    write_model,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int,
+) -> Path:
+    """Write `step-N` atomically (temp folder, then rename) and drop all but the newest `keep`.
+
+    `write_model(folder)` writes the exportable model. Call on the main process only; every rank
+    writes its RNG state with `save_rank_rng` first.
+    """
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_model(tmp / "model")
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    _optimizer_files(optimizer, tmp)
+    for rng_file in root.glob(f"rng-step-{step:08d}-rank*.safetensors"):
+        rng_file.rename(tmp / rng_file.name.replace(f"rng-step-{step:08d}-", "rng-"))
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_rank_rng(output_dir: str | Path, step: int, rank: int) -> None:
+    """Each rank's RNG, staged beside the checkpoint being written (moved in by the main process)."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors, data = rng_state()
+    tensors = dict(tensors)
+    path = root / f"rng-step-{step:08d}-rank{rank}.safetensors"
+    save_file(tensors, str(path), metadata={"rng": json.dumps(data)})
+
+
+def load_rank_rng(checkpoint: Path, rank: int) -> None:
+    from safetensors import safe_open
+
+    path = checkpoint / f"rng-rank{rank}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint}: no RNG state for rank {rank}; resume with the same number of processes")
+    with safe_open(str(path), framework="pt") as f:
+        data = json.loads(f.metadata()["rng"])
+    set_rng_state(load_file(str(path)), data)
