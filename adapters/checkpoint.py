@@ -109,7 +109,8 @@ def save_pretrained(model: AudioLLM, directory: str | Path, processor: AudioProc
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(_trained_state(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     if meta["has_lora"]:
-        model.llm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
+        # the LoRA weights only, never copies of the base embeddings (even when lm_head carries an adapter)
+        model.llm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True, save_embedding_layers=False)
     if meta["encoder_lora"]:
         lora = {k: v.detach().cpu().contiguous() for k, v in model.encoder.network.state_dict().items() if "lora_" in k}
         save_file(lora, str(directory / ENCODER_ADAPTER), metadata={"format": "pt"})

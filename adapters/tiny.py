@@ -167,12 +167,28 @@ def w2v_feature_extractor():
     return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
 
 
+def _write_model(model, path: Path) -> None:
+    """A transformers folder written by hand: `save_pretrained` writes nothing on ranks other than 0 when
+    torch.distributed is up, and these folders are local files any process may need to create."""
+    from safetensors.torch import save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if model.can_generate():
+        model.generation_config.save_pretrained(path)
+    save_model(model, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
 TINY_BASES = ("whisper", "wav2vec2", "llama", "qwen2")
 
 
 def save_tiny_bases(root: str | Path, template: str = "chatml") -> dict[str, str]:
     """Write tiny random `whisper`, `wav2vec2`, `llama` and `qwen2` folders under `root`; return their paths."""
-    root = Path(root)
+    with torch.random.fork_rng():  # seeded builders must not disturb the caller's random state
+        return _save_tiny_bases(Path(root), template)
+
+
+def _save_tiny_bases(root: Path, template: str) -> dict[str, str]:
     tokenizer = build_tokenizer(template)
     vocab = len(tokenizer) + 20  # room for tokens added later, such as the audio placeholder
     dirs = {}
@@ -183,7 +199,7 @@ def save_tiny_bases(root: str | Path, template: str = "chatml") -> dict[str, str
         ("wav2vec2", tiny_w2v("wav2vec2"), w2v_feature_extractor()),
     ]:
         path = root / name
-        model.save_pretrained(path)
+        _write_model(model, path)
         extra.save_pretrained(path)
         dirs[name] = str(path)
     return dirs

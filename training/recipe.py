@@ -82,6 +82,7 @@ class TrainSettings:
     resume_from: str | None = None  # "latest" or a checkpoint folder
     init_from: str | None = None  # start from a saved eardrum model (e.g. stage 1 for stage 2)
     tensorboard: bool = False
+    log_examples: bool = False  # write output_dir/examples-rank{R}.jsonl: which examples each rank saw per step
     eval_max_new_tokens: int = 48
     eval_generate_limit: int = 64  # eval examples decoded for WER / accuracy
 
@@ -127,14 +128,23 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
 
 
 def apply_overrides(data: dict, overrides: list[tuple[list[str], Any]]) -> dict:
-    """Set each dotted key in a nested dict (creating sections as needed); returns the dict."""
+    """Set each dotted key in a nested dict (creating sections as needed); a number indexes a list."""
     for keys, value in overrides:
-        node = data
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[keys[-1]] = value
+        node: Any = data
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"override {'.'.join(keys)}: {key!r} is not an index of a {len(node)}-item list")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:depth])} is not a section")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
+                    node[key] = {}
+                node = node[key]
     return data
 
 

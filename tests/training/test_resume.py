@@ -1,0 +1,79 @@
+"""Exact resume after a real SIGKILL, and two-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "assets" / "tiny_data"
+
+
+def command(tmp: Path, out: str, *extra: str) -> list[str]:
+    return ["-m", "eardrum.inference.cli", "train", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={tmp / out}",
+            f"cache.dir={tmp / 'cache'}", f"data.train.0.path={DATA / 'caption.jsonl'}",
+            f"data.train.1.path={DATA / 'qa.jsonl'}", "data.eval=[]", "train.epochs=3", "train.save_every=3",
+            "train.keep_checkpoints=3", "train.log_examples=true", "lora.dropout=0.1",
+            *extra]
+
+
+def env(tmp: Path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "EARDRUM_CACHE": str(tmp / "ecache")}
+
+
+def read(path: Path, key: str) -> dict[int, object]:
+    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r}
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    # lora.dropout > 0 so that the random state must be restored too for the losses to match
+    subprocess.run([sys.executable, *command(tmp_path, "full")], env=env(tmp_path), check=True, capture_output=True,
+                   timeout=300)
+    proc = subprocess.Popen([sys.executable, *command(tmp_path, "killed")], env=env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed" / "checkpoints" / "step-00000009"
+    deadline = time.time() + 240
+    while not target.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run([sys.executable, *command(tmp_path, "killed", "train.resume_from=latest")], env=env(tmp_path),
+                   check=True, capture_output=True, timeout=300)
+    full, resumed = tmp_path / "full", tmp_path / "killed"
+    full_losses, resumed_losses = read(full / "metrics.jsonl", "loss"), read(resumed / "metrics.jsonl", "loss")
+    assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 19))
+    for step, loss in full_losses.items():
+        assert resumed_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    full_seen = read(full / "examples-rank0.jsonl", "examples")
+    resumed_seen = read(resumed / "examples-rank0.jsonl", "examples")
+    assert resumed_seen == full_seen
+    for epoch in range(3):  # every example exactly once per epoch
+        seen = [w for step, ws in resumed_seen.items() if (step - 1) // 6 == epoch for w in ws]
+        assert len(seen) == len(set(seen)) == 24
+
+
+def test_two_processes_ddp_on_cpu(tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+    result = subprocess.run([*launch, *command(tmp_path, "ddp", "train.max_steps=4")], env=env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "ddp"
+    rank0, rank1 = read(run / "examples-rank0.jsonl", "examples"), read(run / "examples-rank1.jsonl", "examples")
+    assert sorted(rank0) == sorted(rank1) == [1, 2, 3, 4]
+    for step in rank0:  # the two ranks see different data
+        assert not set(rank0[step]) & set(rank1[step])
+    logged = read(run / "metrics.jsonl", "loss")
+    assert sorted(logged) == [1, 2, 3, 4]  # one log, written once, with the loss reduced across ranks
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000004").glob("rng-rank*")) == [
+        "rng-rank0.safetensors", "rng-rank1.safetensors"]
+    assert (run / "final" / "eardrum_config.json").is_file()

@@ -1,0 +1,117 @@
+"""The training recipe end to end on the tiny recipe: loss falls, outputs written, bad data named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eardrum.adapters.checkpoint import load_pretrained
+from eardrum.training.data import DataError
+from eardrum.training.recipe import load_recipe
+from eardrum.training.trainer import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+DATA = ROOT / "tests" / "assets" / "tiny_data"
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return load_recipe(TINY, [f"output_dir={tmp_path / 'run'}", f"cache.dir={tmp_path / 'cache'}",
+                              f"data.train.0.path={DATA / 'caption.jsonl'}", f"data.train.1.path={DATA / 'qa.jsonl'}",
+                              f"data.eval.0.path={DATA / 'eval.jsonl'}", *overrides])
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    return train(tiny(tmp)), tmp / "run"
+
+
+def test_tiny_recipe_loss_falls_by_a_wide_margin(tiny_run):
+    result, run = tiny_run
+    values = losses(run)
+    assert result["steps"] == len(values) == 120  # 24 examples / batch 4 x 20 epochs
+    first, last = values[0], sum(values[-10:]) / 10
+    assert first > 5.5  # log(400) at random init
+    assert last < 0.25 * first, (first, last)
+
+
+def test_tiny_run_writes_its_outputs(tiny_run):
+    result, run = tiny_run
+    for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "summary.json", "final/eardrum_config.json",
+                 "final/projector.safetensors", "final/llm_adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000100", "step-00000120"]
+    assert set(result["eval"]) == {"loss", "caption_exact", "caption_bleu"}
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert evals and evals[-1]["step"] == 120
+
+
+def test_overfit_one_clip_gives_the_exact_transcript(tmp_path):
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"audio": str(DATA / "clips" / "sound2_v0.wav"), "text": "two beeps"}) + "\n")
+    recipe = tiny(tmp_path, f"data.train=[{{path: {manifest}}}]", "data.eval=[]", "data.batch_size=1",
+                  "train.epochs=40", "train.save_every=null", "data.prompts={asr: [Transcribe.]}")
+    train(recipe)
+    model, processor = load_pretrained(tmp_path / "run" / "final")
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": str(DATA / "clips" / "sound2_v0.wav")},
+                                         {"type": "text", "text": "Transcribe."}]}]
+    ids = model.generate(**processor([conv], add_generation_prompt=True), max_new_tokens=6, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    assert processor.batch_decode(ids) == ["two beeps"]
+
+
+def test_bad_manifest_lines_are_all_listed_before_any_model_loads(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([
+        json.dumps({"audio": str(DATA / "clips" / "sound0_v0.wav"), "text": "ok"}),
+        "{not json",
+        json.dumps({"audio": str(tmp_path / "missing.wav"), "text": "x"}),
+        json.dumps({"audio": str(DATA / "clips" / "sound0_v0.wav"), "text": "  "}),
+    ]) + "\n")
+    import eardrum.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "build_audio_llm", lambda *a, **k: pytest.fail("model loaded before data check"))
+    with pytest.raises(DataError) as err:
+        train(tiny(tmp_path, f"data.train=[{{path: {bad}}}]"))
+    text = str(err.value)
+    assert "bad.jsonl line 2" in text and "bad.jsonl line 3" in text and "bad.jsonl line 4" in text
+    assert "line 1" not in text.replace("line 1 ", "")
+
+
+def test_skip_bad_skips_counts_and_writes_the_list(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"audio": str(DATA / "clips" / f"sound{k}_v0.wav"), "text": "tone"}) for k in range(4)]
+    bad.write_text("\n".join(lines + ["{not json"]) + "\n")
+    result = train(tiny(tmp_path, f"data.train=[{{path: {bad}}}]", "data.skip_bad=true", "train.max_steps=2",
+                        "data.eval=[]"))
+    assert result["steps"] == 2
+    listed = [json.loads(x) for x in (tmp_path / "run" / "bad_examples_train.jsonl").read_text().splitlines()]
+    assert [x["where"].endswith("bad.jsonl line 5") for x in listed] == [True]
+
+
+def test_non_finite_loss_stops_naming_step_and_batch(tmp_path, monkeypatch):
+    import eardrum.adapters.model as model_module
+
+    real_forward = model_module.AudioLLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(model_module.AudioLLM, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4, epoch 0, batch of \['"):
+        train(tiny(tmp_path, "train.save_every=2", "data.eval=[]"))
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir()

@@ -1,0 +1,61 @@
+"""Batches for training and evaluation: records -> conversations -> processor tensors.
+
+A bad example found only while batching (audio that decodes in the up-front check's header read
+but not in full, say) is named by its manifest line; with `skip_bad` it is dropped and recorded,
+otherwise the run stops with that name instead of a bare traceback.
+"""
+
+from __future__ import annotations
+
+from eardrum.adapters.processor import AudioProcessor
+
+from .data import DataError, DataProblem, Record, build_conversation
+
+
+class Collator:
+    """Callable turning a list of record indices into a processor batch (plus `example_ids`)."""
+
+    def __init__(
+        self,
+        processor: AudioProcessor,
+        records: list[Record],
+        prompts: dict[str, list[str]],
+        seed: int,
+        *,
+        featurize: bool = True,
+        skip_bad: bool = False,
+    ) -> None:
+        self.processor = processor
+        self.records = records
+        self.prompts = prompts
+        self.seed = seed
+        self.featurize = featurize
+        self.skip_bad = skip_bad
+
+    def conversation(self, index: int) -> list[dict]:
+        return build_conversation(self.records[index], self.prompts, self.seed)
+
+    def __call__(self, indices: list[int]) -> dict:
+        try:
+            return self._batch(indices, [])
+        except (ValueError, OSError):
+            bad = []
+            good = [i for i in indices if self._one_is_good(i, bad)]
+            if not self.skip_bad:
+                raise DataError(bad) from None
+            return self._batch(good, bad) if good else {"example_ids": [], "bad": bad}
+
+    def _batch(self, indices: list[int], bad: list[DataProblem]) -> dict:
+        convs = [self.conversation(i) for i in indices]
+        batch = self.processor(convs, featurize=self.featurize)
+        batch["example_ids"] = list(indices)
+        batch["bad"] = bad
+        return batch
+
+    def _one_is_good(self, index: int, bad: list[DataProblem]) -> bool:
+        try:
+            self.processor([self.conversation(index)], featurize=False)
+            return True
+        except (ValueError, OSError) as err:
+            bad.append(DataProblem(self.records[index].where, str(err)))
+            return False

@@ -1,0 +1,137 @@
+"""Builders the training recipe uses: optimizer and schedule, feature cache, lengths, metrics log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from eardrum.adapters.model import AudioLLM
+from eardrum.adapters.processor import AudioProcessor
+
+from .data import Record
+from .recipe import Recipe
+
+
+def build_optimizer(model: AudioLLM, recipe: Recipe) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """AdamW over the trainable parameters, and lr(step) for warmup then cosine / linear / constant."""
+    o, t = recipe.optim, recipe.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms, biases, layer weights
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas))
+    horizon = max(1, t.max_steps or 0)
+
+    def lr_at(step: int) -> float:
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        if o.scheduler == "constant":
+            return o.lr
+        span = max(1, lr_at.total - o.warmup_steps)
+        frac = min(1.0, (step - o.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if o.scheduler == "cosine" else 1 - frac
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * shape)
+
+    lr_at.total = horizon
+    return optimizer, lr_at
+
+
+def set_schedule_length(lr_at: Callable[[int], float], total_steps: int) -> None:
+    """The schedule decays over the run's real number of steps, known once the data is planned."""
+    lr_at.total = total_steps
+
+
+def make_cache(recipe: Recipe, model: AudioLLM):
+    """The feature cache for this encoder, or None (with the reason logged) where it cannot apply."""
+    from .cache import FeatureCache, encoder_fingerprint
+
+    if recipe.model.encoder_layer == "weighted" or recipe.lora.encoder:
+        logging.getLogger(__name__).info("feature cache off: the encoder output trains (weighted layers or LoRA)")
+        return None
+    root = recipe.cache.dir or os.path.join(
+        os.environ.get("EARDRUM_CACHE", os.path.expanduser("~/.cache/eardrum")), "features"
+    )
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[recipe.cache.dtype]
+    return FeatureCache(root, encoder_fingerprint(model), dtype=dtype)
+
+
+def sequence_lengths(records: list[Record], processor: AudioProcessor) -> list[int]:
+    """Approximate tokens per example (text tokens + audio tokens), for grouping batches by length."""
+    texts = []
+    for r in records:
+        f = r.fields
+        parts = [str(f.get(k, "")) for k in ("text", "question", "answer")]
+        for m in f.get("messages") or []:
+            c = m.get("content")
+            parts += [c] if isinstance(c, str) else [p.get("text", "") for p in c if isinstance(p, dict)]
+        texts.append(" ".join(parts))
+    text_tokens = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [
+        len(t) + 16 + sum(processor.clip_num_tokens(n) for n in r.clip_samples) for t, r in zip(text_tokens, records)
+    ]
+
+
+def trim_jsonl(path: Path, keep_until: int | None) -> None:
+    """A fresh run starts the log anew; a resumed one drops what was logged after its checkpoint's step."""
+    if not path.is_file():
+        return
+    if keep_until is None:
+        path.unlink()
+        return
+    from .plots import read_metrics
+
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard), written by the main process; `plot()` draws loss.png."""
+
+    def __init__(self, out: Path, main: bool, tensorboard: bool, keep_until: int | None = None) -> None:
+        self.path = out / "metrics.jsonl"
+        self.main = main
+        self.writer = None
+        if not main:
+            return
+        trim_jsonl(self.path, keep_until)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("train.tensorboard: install the tensorboard package or set it to false") from err
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def plot(self) -> None:
+        """Redraw loss.png; a plot problem is logged, never allowed to stop training."""
+        if not (self.main and self.path.is_file()):
+            return
+        from .plots import plot_losses, read_metrics
+
+        records = read_metrics(self.path)
+        if any("loss" in r or "eval_loss" in r for r in records):
+            try:
+                plot_losses(records, self.path.parent / "loss.png")
+            except (ValueError, OSError) as err:
+                logging.getLogger(__name__).warning("could not draw loss.png: %s", err)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

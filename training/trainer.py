@@ -1,0 +1,351 @@
+"""The training recipe: setup, one step, the loop, cleanup. Reads top to bottom.
+
+Runs on one CPU, one GPU, or several processes under `accelerate launch` (DDP). Every rank builds
+the same deterministic batch plan for an epoch and takes its own share; a checkpoint records the
+epoch and the number of micro-batches done, so a resumed run continues with exactly the batches,
+weights, optimizer state and random state the interrupted one would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_checkpoint_meta
+
+from .batching import plan_batches, shard_batches
+from .collate import Collator
+from .data import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
+from .evaluate import evaluate
+from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
+from .recipe import Recipe, save_recipe
+from .setup import MetricsLog, build_optimizer, make_cache, sequence_lengths, set_schedule_length, trim_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro_done: int = 0  # micro-batches of `epoch` done by this rank
+    examples: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def _build_model(recipe: Recipe):
+    t = recipe.train
+    if t.init_from:
+        meta = read_checkpoint_meta(t.init_from)
+        if meta["config"] != recipe.model.to_dict():
+            raise ValueError(
+                f"train.init_from: the model section differs from the config saved in {t.init_from}; "
+                "copy that config into the recipe's model section"
+            )
+        model, processor = load_pretrained(t.init_from, quantization=t.quantization)
+        if hasattr(model.llm, "peft_config"):
+            model.llm = model.llm.merge_and_unload() if not t.quantization else model.llm
+    else:
+        model, processor = build_audio_llm(recipe.model, quantization=t.quantization)
+    if recipe.lora.encoder:
+        apply_encoder_lora(model, recipe.lora)
+    if recipe.lora.enabled:
+        apply_llm_lora(
+            model, recipe.lora, quantized=bool(t.quantization), gradient_checkpointing=t.gradient_checkpointing
+        )
+    if t.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.enable_input_require_grads()
+    freeze_for_training(model)
+    return model, processor
+
+
+def _load_data(recipe: Recipe, out: Path, main: bool):
+    """Check every source up front: stop with the full list of problems, or skip and record them."""
+    d = recipe.data
+    found = {}
+    for split, specs in (("train", d.train), ("eval", d.eval)):
+        sources = [DataSource.from_dict(s) for s in specs]
+        records, problems = load_records(
+            sources, max_audio_seconds=recipe.model.max_audio_seconds, label_mode=recipe.model.label_mode
+        )
+        if problems and not d.skip_bad:
+            raise DataError(problems)
+        if problems and main:
+            write_problems(problems, out / f"bad_examples_{split}.jsonl")
+            logger.warning(
+                "%s: skipped %d bad examples (listed in %s)", split, len(problems), out / f"bad_examples_{split}.jsonl"
+            )
+        found[split] = (records, sources)
+    if not found["train"][0]:
+        raise DataError([], message="no usable training example")
+    return found
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a recipe; returns a summary (final losses, paths, counts)."""
+    from accelerate.utils import set_seed
+
+    acc = _accelerator(recipe)
+    main = acc.is_main_process
+    out = Path(recipe.output_dir)
+    t, o, d = recipe.train, recipe.optim, recipe.data
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+    data = _load_data(recipe, out, main)
+    train_records, train_sources = data["train"]
+    eval_records, _ = data["eval"]
+    set_seed(t.seed)
+    model, processor = _build_model(recipe)
+    if main:
+        logger.info(parameter_report(model))
+    cache = make_cache(recipe, model) if recipe.cache.enabled else None
+    prompts = d.prompts or DEFAULT_PROMPTS
+    collate = Collator(processor, train_records, prompts, t.seed, featurize=cache is None, skip_bad=d.skip_bad)
+    lengths = sequence_lengths(train_records, processor)
+    weights = {s.label: s.weight for s in train_sources}
+    optimizer, scheduler_fn = build_optimizer(model, recipe)
+    model, optimizer = acc.prepare(model, optimizer)
+    core = acc.unwrap_model(model)
+    progress = Progress()
+    resume = _maybe_resume(recipe, core, optimizer, progress, acc)
+    metrics = MetricsLog(out, main, recipe.train.tensorboard, keep_until=progress.step if resume else None)
+    if t.log_examples:
+        trim_jsonl(out / f"examples-rank{acc.process_index}.jsonl", progress.step if resume else None)
+
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        order = mix_indices(train_records, weights, t.seed, epoch)
+        batches = plan_batches(
+            lengths,
+            order,
+            batch_size=d.batch_size,
+            max_tokens=d.max_tokens,
+            seed=t.seed,
+            epoch=epoch,
+            group_by_length=d.group_by_length,
+        )
+        return shard_batches(batches, acc.num_processes, acc.process_index)
+
+    steps_per_epoch = math.ceil(len(epoch_plan(0)) / o.grad_accum)
+    total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
+    set_schedule_length(scheduler_fn, total_steps)
+    if cache is not None:
+        _fill_cache(core, processor, cache, train_records + eval_records, collate, eval_records, prompts, t.seed, main)
+    bar = _progress_bar(main, total_steps, progress.step)
+    model.train()
+    start = time.perf_counter()
+    stop = False
+    while progress.epoch < t.epochs and not stop:
+        plan = epoch_plan(progress.epoch)
+        groups = [plan[i : i + o.grad_accum] for i in range(0, len(plan), o.grad_accum)]
+        for group in groups[progress.micro_done // o.grad_accum :]:
+            if t.log_examples:
+                _log_examples(out, acc, progress, group, train_records)
+            loss, n_examples, audio_s = _step(
+                model, core, optimizer, scheduler_fn, group, collate, cache, acc, recipe, progress
+            )
+            progress.step += 1
+            progress.micro_done += len(group)
+            progress.examples += n_examples
+            rate = progress.examples / max(time.perf_counter() - start, 1e-9)
+            record = {
+                "step": progress.step,
+                "epoch": progress.epoch,
+                "loss": loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "examples_per_s": rate,
+                "audio_seconds": audio_s,
+            }
+            if progress.step % t.log_every == 0 or progress.step == total_steps:
+                metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{rate:.1f}")
+                bar.update(1)
+            if t.eval_every and progress.step % t.eval_every == 0 and eval_records:
+                _evaluate(core, processor, eval_records, recipe, prompts, cache, metrics, progress.step, acc)
+                model.train()
+            if t.save_every and progress.step % t.save_every == 0:
+                _save(recipe, core, processor, optimizer, progress, acc, metrics)
+            if progress.step >= total_steps:
+                stop = True
+                break
+        if not stop:
+            progress.epoch += 1
+            progress.micro_done = 0
+    if bar is not None:
+        bar.close()
+    result = {
+        "steps": progress.step,
+        "examples": progress.examples,
+        "seconds": time.perf_counter() - start,
+        "resumed_from": str(resume) if resume else None,
+    }
+    if eval_records:
+        result["eval"] = _evaluate(core, processor, eval_records, recipe, prompts, cache, metrics, progress.step, acc)
+    _save(recipe, core, processor, optimizer, progress, acc, metrics)
+    if main:
+        core.save_pretrained(out / "final", processor)
+        metrics.plot()
+        result["final"] = str(out / "final")
+        (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    metrics.close()
+    acc.wait_for_everyone()
+    return result
+
+
+def _step(
+    model, core, optimizer, scheduler_fn, group, collate, cache, acc, recipe, progress
+) -> tuple[float, int, float]:
+    """One optimizer step over a group of micro-batches; returns the mean loss across micro-batches and ranks."""
+    from .cache import encode_windows
+
+    losses, examples, audio_seconds = [], 0, 0.0
+    for k, indices in enumerate(group):
+        batch = collate(indices)
+        ids = batch.pop("example_ids")
+        batch.pop("bad", None)
+        if not ids:
+            continue
+        if "audio_windows" in batch:
+            windows = batch.pop("audio_windows")
+            audio_seconds += sum(len(w) for w in windows) / 16000
+            batch["audio_frames"], batch["frame_lengths"] = encode_windows(
+                core, collate.processor.featurizer, windows, cache
+            )
+        elif "audio_lengths" in batch:
+            audio_seconds += float(batch["audio_lengths"].sum()) / 100  # mel frames are 10 ms
+        batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+        sync = k == len(group) - 1
+        with acc.no_sync(model) if not sync and acc.num_processes > 1 else _null():
+            loss = model(**batch).loss
+            bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
+            if bad.item() > 0:
+                wheres = [collate.records[i].where for i in ids]
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at step {progress.step + 1}, epoch "
+                    f"{progress.epoch}, batch of {wheres}; the last good checkpoint is kept"
+                )
+            acc.backward(loss / len(group))
+        losses.append(loss.detach())
+        examples += len(ids)
+    if recipe.optim.grad_clip:
+        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.optim.grad_clip)
+    for g in optimizer.param_groups:
+        g["lr"] = scheduler_fn(progress.step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=acc.device)
+    return acc.reduce(mean, "mean").item(), examples, audio_seconds
+
+
+def _log_examples(out: Path, acc, progress: Progress, group: list[list[int]], records) -> None:
+    """Append which examples this rank trains on at the coming step (for auditing data order)."""
+    line = {
+        "step": progress.step + 1,
+        "epoch": progress.epoch,
+        "rank": acc.process_index,
+        "examples": [records[i].where for batch in group for i in batch],
+    }
+    with (out / f"examples-rank{acc.process_index}.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(main: bool, total: int, done: int):
+    if not main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _fill_cache(core, processor, cache, records, collate, eval_records, prompts, seed, main) -> None:
+    from .cache import precompute
+
+    def windows():
+        for i in range(len(records)):
+            conv = Collator(processor, records, prompts, seed).conversation(i)
+            yield from processor([conv], featurize=False, return_labels=False).get("audio_windows", [])
+
+    stats = precompute(core, processor.featurizer, windows(), cache, progress=main)
+    if main:
+        logger.info("feature cache %s: %s", cache.directory, stats)
+
+
+def _evaluate(core, processor, records, recipe, prompts, cache, metrics, step, acc) -> dict:
+    result = {}
+    if acc.is_main_process:
+        result = evaluate(core, processor, records, recipe, prompts, cache)
+        metrics.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+    acc.wait_for_everyone()
+    return result
+
+
+def _save(recipe, core, processor, optimizer, progress, acc, metrics) -> None:
+    from .state import save_rank_rng, save_training_checkpoint
+
+    save_rank_rng(recipe.output_dir, progress.step, acc.process_index)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        state = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "micro_done": progress.micro_done,
+            "examples": progress.examples,
+            "num_processes": acc.num_processes,
+        }
+        path = save_training_checkpoint(
+            recipe.output_dir,
+            progress.step,
+            write_model=lambda p: core.save_pretrained(p, processor),
+            model=core,
+            optimizer=optimizer,
+            state=state,
+            keep=recipe.train.keep_checkpoints,
+        )
+        metrics.plot()
+        logger.info("checkpoint %s", path)
+    acc.wait_for_everyone()
+
+
+def _maybe_resume(recipe, core, optimizer, progress, acc):
+    from .state import load_optimizer, load_rank_rng, load_trainable_state, resolve_resume
+
+    path = resolve_resume(recipe.output_dir, recipe.train.resume_from)
+    if path is None:
+        return None
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["num_processes"] != acc.num_processes:
+        raise ValueError(f"{path} was written by {state['num_processes']} processes; resume with the same number")
+    load_trainable_state(core, path / "trainable.safetensors")
+    load_optimizer(optimizer, path)
+    load_rank_rng(path, acc.process_index)
+    progress.step, progress.epoch = state["step"], state["epoch"]
+    progress.micro_done, progress.examples = state["micro_done"], state["examples"]
+    if acc.is_main_process:
+        logger.info("resumed from %s at step %d (epoch %d)", path, progress.step, progress.epoch)
+    return path
