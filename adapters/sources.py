@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 QUANTIZATIONS = (None, "4bit", "8bit")
 SourceKind = Literal["ct2_whisper", "gguf", "local", "hub", "tiny"]
 TINY_PREFIX = "tiny:"  # "tiny:whisper", "tiny:llama", ...: tiny random bases written once into the cache
-TINY_VERSION = 1
+TINY_VERSION = 2
 # Bump when the converted folder's layout changes, so that stale caches are rebuilt rather than reused.
 CONVERTER_VERSION = 2
 _HASHED_FILES = ("model.bin", "config.json", "tokenizer.json")

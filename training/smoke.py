@@ -2,7 +2,7 @@
 
 It exercises every part of the model core in well under a minute on a CPU, with nothing
 downloaded: tiny random Whisper and Llama bases are written locally, a stack projector and a LoRA
-adapter are trained to caption three synthetic sounds, the checkpoint is saved and reloaded, the
+adapter are trained to caption four synthetic sounds, the checkpoint is saved and reloaded, the
 reloaded model must give bit-identical logits, and it answers the question for each sound.
 """
 
@@ -18,14 +18,13 @@ import torch
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
-from eardrum.adapters.tiny import save_tiny_bases, synth_sound
+from eardrum.adapters.tiny import TINY_SOUNDS, save_tiny_bases, synth_sound
 
 logger = logging.getLogger(__name__)
 
 QUESTION = "what do you hear?"
 # The random LLM's output layer is tiny, so it gets an adapter too or the loss cannot go far down.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-SOUNDS = {"a low tone": (220.0, 1), "a high tone": (1760.0, 1), "two beeps": (880.0, 2)}
 
 
 def _conversation(caption: str | None, wave: np.ndarray) -> list[dict]:
@@ -44,7 +43,7 @@ def run_smoke(out_dir: str | Path, steps: int = 120, seed: int = 0) -> dict:
     config = AudioLLMConfig(encoder=bases["whisper"], llm=bases["llama"], projector=ProjectorConfig(name="stack"))
     model, processor = build_audio_llm(config)
     model.llm = get_peft_model(model.llm, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
-    waves = {caption: synth_sound(freq, beeps) for caption, (freq, beeps) in SOUNDS.items()}
+    waves = {caption: synth_sound(freq, beeps) for caption, (freq, beeps) in TINY_SOUNDS.items()}
     batch = processor([_conversation(c, w) for c, w in waves.items()])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)

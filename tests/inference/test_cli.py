@@ -27,7 +27,7 @@ def test_smoke_trains_saves_reloads_and_answers(smoke):
     result, out = smoke
     assert result.returncode == 0, result.stderr
     assert "reload gives bit-identical logits: True" in result.stdout
-    assert "3/3 sounds captioned right" in result.stdout
+    assert "4/4 sounds captioned right" in result.stdout
     assert (out / "checkpoint" / "eardrum_config.json").is_file()
 
 
@@ -35,7 +35,7 @@ def test_info_prints_what_the_checkpoint_holds(smoke):
     _, out = smoke
     result = run("info", str(out / "checkpoint"))
     assert result.returncode == 0, result.stderr
-    assert "projector   stack: 14,992 trained parameters" in result.stdout
+    assert "projector   stack: 20,928 trained parameters" in result.stdout
     assert "audio rate  12.5 tokens per second of audio" in result.stdout
     assert "llm_adapter/adapter_model.safetensors" in result.stdout
     data = json.loads(run("info", "--json", str(out / "checkpoint")).stdout)

@@ -115,3 +115,12 @@ def test_non_finite_loss_stops_naming_step_and_batch(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4, epoch 0, batch of \['"):
         train(tiny(tmp_path, "train.save_every=2", "data.eval=[]"))
     assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir()
+
+
+@pytest.mark.parametrize("overrides", [["train.quantization=4bit"], ["train.quantization=8bit"],
+                                       ["train.gradient_checkpointing=true"]], ids=["qlora4", "qlora8", "ckpt"])
+def test_qlora_and_gradient_checkpointing_recipes_run(tmp_path, overrides):
+    pytest.importorskip("bitsandbytes")
+    result = train(tiny(tmp_path, "train.max_steps=3", "train.save_every=null", *overrides))
+    assert result["steps"] == 3 and result["eval"]["loss"] < 7
+    assert (tmp_path / "run" / "final" / "llm_adapter" / "adapter_model.safetensors").is_file()
