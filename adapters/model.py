@@ -43,6 +43,8 @@ class AudioLLM(nn.Module):
         self.projector = projector
         self.llm = llm
         self.placeholder_id = placeholder_id
+        # Windows encoded per encoder forward: bounds memory for hour-long recordings (120 windows of 30 s).
+        self.windows_per_forward = 8
 
     def num_audio_tokens(self, num_samples: int) -> int:
         """Audio tokens one encoder window of `num_samples` samples yields."""
@@ -53,10 +55,23 @@ class AudioLLM(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     def encode_audio(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (N_win, ...), lengths (N_win,) -> audio tokens (N_win, T_tok, D_llm), token lengths (N_win,)."""
+        """features (N_win, ...), lengths (N_win,) -> audio tokens (N_win, T_tok, D_llm), token lengths (N_win,).
+
+        Windows go through the encoder `windows_per_forward` at a time, each chunk cut to its own
+        longest window, so memory stays bounded however long the recording.
+        """
         enc_param = next(self.encoder.network.parameters())
-        frames, frame_lengths = self.encoder(features.to(enc_param.device), lengths.to(enc_param.device))
-        return self.project_frames(frames, frame_lengths)
+        outputs = []
+        for start in range(0, features.shape[0], self.windows_per_forward):
+            chunk_lengths = lengths[start : start + self.windows_per_forward]
+            chunk = features[start : start + self.windows_per_forward, ..., : int(chunk_lengths.max())]
+            frames, frame_lengths = self.encoder(chunk.to(enc_param.device), chunk_lengths.to(enc_param.device))
+            outputs.append(self.project_frames(frames, frame_lengths))
+        if len(outputs) == 1:
+            return outputs[0]
+        longest = max(t.shape[1] for t, _ in outputs)
+        tokens = torch.cat([nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t, _ in outputs])
+        return tokens, torch.cat([n for _, n in outputs])  # (N_win, T_tok, D_llm), (N_win,)
 
     def project_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder frames (N_win, T, D_enc), e.g. from a feature cache -> audio tokens, token lengths."""

@@ -168,3 +168,18 @@ def test_precomputed_encoder_frames_give_the_same_logits(tiny):
     assert torch.equal(direct, cached)
     with pytest.raises(ValueError, match="not both"):
         model(**batch, audio_frames=frames, frame_lengths=frame_lengths)
+
+
+def test_windows_encoded_in_chunks_give_the_same_tokens(tiny):
+    model, proc = tiny
+    batch = proc([conv(0.3), conv(1.9, seed=1), conv(0.7, seed=2), conv(1.2, seed=3), conv(0.5, seed=4)])
+    with torch.no_grad():
+        whole, whole_lengths = model.encode_audio(batch["audio_features"], batch["audio_lengths"])
+        model.windows_per_forward = 2
+        try:
+            chunked, chunked_lengths = model.encode_audio(batch["audio_features"], batch["audio_lengths"])
+        finally:
+            model.windows_per_forward = 8
+    assert torch.equal(whole_lengths, chunked_lengths) and whole.shape == chunked.shape
+    for i, n in enumerate(whole_lengths.tolist()):
+        torch.testing.assert_close(chunked[i, :n], whole[i, :n], atol=1e-5, rtol=0)
