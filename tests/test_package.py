@@ -40,6 +40,7 @@ def test_wheel_holds_the_eardrum_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "eardrum/adapters/model.py" in names and "eardrum/inference/cli.py" in names
     assert "eardrum/training/smoke.py" in names
+    assert "eardrum/configs/tiny.yaml" in names and "eardrum/configs/accelerate/ddp.yaml" in names
     assert not [n for n in names if n.startswith(("adapters/", "training/", "inference/", "tests/"))]
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "eardrum = eardrum.inference.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -263,9 +263,25 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     raise ConfigError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
 
+def resolve_recipe_path(name: str | Path) -> Path:
+    """A recipe file: a path that exists, or the name of a recipe shipped in eardrum.configs ("demo")."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    from importlib.resources import files
+
+    shipped = files("eardrum.configs")
+    for candidate in (str(name), f"{name}.yaml"):
+        resource = shipped / candidate
+        if resource.is_file():
+            return Path(str(resource))
+    names = sorted(p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"recipe {str(name)!r}: no such file, and not a shipped recipe ({', '.join(names)})")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML, apply `key.sub=value` overrides, check everything at once."""
-    path = Path(path)
+    """Read a recipe YAML (a path or a shipped recipe's name), apply `key.sub=value` overrides, check it all."""
+    path = resolve_recipe_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:

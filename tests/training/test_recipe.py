@@ -72,3 +72,9 @@ def test_batch_size_or_token_budget_exactly_one():
     with pytest.raises(ConfigError, match="exactly one of batch_size and max_tokens"):
         load_recipe(TINY, ["data.max_tokens=512"])
     assert load_recipe(TINY, ["data.max_tokens=512", "data.batch_size=null"]).data.max_tokens == 512
+
+
+def test_shipped_recipes_are_found_by_name_and_unknown_names_listed():
+    assert load_recipe("tiny").output_dir == "runs/tiny"
+    with pytest.raises(ConfigError, match=r"not a shipped recipe \(.*tiny"):
+        load_recipe("no-such-recipe")

@@ -1,0 +1,1 @@
+"""Ready model configs (YAML)."""
