@@ -373,6 +373,40 @@ def _resolve_llm_source(source: str, gguf_file: str | None) -> tuple[str, str | 
     return str(path), gguf_file
 
 
+def convert_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF causal LM once into a transformers folder in the cache (keyed by content hash)."""
+    path = Path(path)
+    digest = hashlib.sha256(f"gguf converter 1\n{path.name}\n".encode())
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    final = root / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    if (final / "config.json").is_file():
+        return final
+    from safetensors.torch import save_model
+
+    logger.info("converting %s once into %s", path, final)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)  # a GGUF-loaded model refuses save_pretrained
+    plain.load_state_dict(loaded.state_dict())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=final.parent))
+    plain.config.save_pretrained(tmp)
+    plain.generation_config.save_pretrained(tmp)
+    save_model(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def load_causal_lm(
     source: str,
     *,
@@ -403,14 +437,11 @@ def load_causal_lm(
     """
     quantization_config = _quantization_config(quantization)
     location, gguf_file = _resolve_llm_source(source, gguf_file)
-    if gguf_file is not None and quantization_config is not None:
-        raise SourceError(
-            f"quantization={quantization!r} with GGUF file {gguf_file!r}: transformers does not quantize a "
-            "GGUF checkpoint; use quantization=None, or a transformers folder of the same model"
-        )
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
-        common["gguf_file"] = gguf_file
+        # Dequantising a GGUF takes tens of seconds on a CPU: do it once into a cached transformers folder,
+        # which also lets the model be loaded in 4/8 bit like any other folder.
+        location, gguf_file = str(convert_gguf(Path(location) / gguf_file)), None
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(location, **common)
     options = dict(common)
     if dtype is not None:

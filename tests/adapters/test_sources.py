@@ -32,7 +32,6 @@ from eardrum.adapters import sources
 from eardrum.adapters.ct2 import ct2_whisper_state_dict, read_ct2_model
 from eardrum.adapters.sources import (
     CT2FormatError,
-    SourceError,
     SourceNotFoundError,
     UnknownQuantizationError,
     convert_ct2_whisper,
@@ -483,17 +482,25 @@ def test_load_causal_lm_from_a_local_folder(llama: tuple) -> None:
     _same_lm(load_causal_lm(str(folder)), model, tokenizer)
 
 
-def test_load_causal_lm_from_a_gguf_path(tmp_path: Path, llama: tuple) -> None:
+def test_load_causal_lm_from_a_gguf_path(tmp_path: Path, llama: tuple, monkeypatch) -> None:
+    monkeypatch.setenv("EARDRUM_CACHE", str(tmp_path / "cache"))
     _, model, tokenizer = llama
     write_llama_gguf(tmp_path / "tiny.gguf", model, tokenizer)
     _same_lm(load_causal_lm(str(tmp_path / "tiny.gguf")), model, tokenizer)
+    converted = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()  # dequantised once, cached
+    mtime = (converted[0] / "model.safetensors").stat().st_mtime_ns
     _same_lm(load_causal_lm(str(tmp_path), gguf_file="tiny.gguf"), model, tokenizer)
+    assert (converted[0] / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_quantizing_a_gguf_file_is_refused_up_front(tmp_path: Path) -> None:
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(SourceError, match=r"quantization='4bit' with GGUF file 'm.gguf'"):
-        load_causal_lm(str(tmp_path / "m.gguf"), quantization="4bit")
+def test_a_gguf_file_loads_in_4bit_through_its_converted_folder(tmp_path: Path, llama: tuple, monkeypatch) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("EARDRUM_CACHE", str(tmp_path / "cache"))
+    _, model, tokenizer = llama
+    write_llama_gguf(tmp_path / "tiny.gguf", model, tokenizer)
+    quantized, _ = load_causal_lm(str(tmp_path / "tiny.gguf"), quantization="4bit")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in quantized.modules())
 
 
 def test_unknown_quantization_lists_the_allowed_values(llama: tuple) -> None:
