@@ -4,6 +4,9 @@
     eardrum info MODEL_DIR [--json]        what a checkpoint holds
     eardrum smoke [--out DIR] [--steps N]  a tiny end-to-end run on random tiny models
     eardrum merge-lora MODEL_DIR OUT_DIR   export the LLM with its LoRA merged in
+    eardrum chat --model DIR [--audio [NAME=]FILE ...]                      talk about recordings, answers streamed
+    eardrum ask --model DIR --audio [NAME=]FILE [...] [--json] "question"   one answer, for scripts
+    eardrum serve --model DIR [--host H] [--port N]   an OpenAI-compatible HTTP server (input_audio parts)
 
 User mistakes end with one line on stderr and exit code 2; nothing prints a traceback for them.
 """
@@ -89,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("model_dir")
     merge.add_argument("out_dir")
     merge.set_defaults(run=_merge_lora)
+    from eardrum.inference.cli_chat import add_chat_parsers
+    from eardrum.inference.cli_serve import add_serve_parser
+
+    add_chat_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 

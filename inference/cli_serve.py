@@ -1,0 +1,165 @@
+"""`eardrum serve`: an OpenAI-compatible HTTP server for one checkpoint (see `eardrum.inference.server`).
+
+    eardrum serve --model DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--device auto]
+
+The model folder and the port are checked before anything heavy is imported or loaded, so a wrong
+path or a busy port is a one-line error (exit code 2) within a second, not after the model loads;
+so is a folder that is not a checkpoint, a few seconds later. The port is bound and listening from
+then on; requests that arrive while the model loads wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not (text.isdigit() and 0 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` on the `eardrum` subcommands; its handler is set as `run`."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP, OpenAI chat-completions compatible (audio as input_audio parts)",
+        description="Serve one checkpoint at /v1/chat/completions, /v1/models and /health.",
+    )
+    serve.add_argument("--model", required=True, metavar="DIR", help="the checkpoint folder")
+    serve.add_argument("--model-name", help="the id clients send as `model` (default: the folder's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    serve.add_argument("--max-batch", type=_positive(int), default=8, help="requests per generate call (default: 8)")
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=_non_negative_float,
+        default=5.0,
+        help="how long a request waits for others to share its batch (default: 5)",
+    )
+    serve.add_argument(
+        "--max-new-tokens",
+        type=_positive(int),
+        default=512,
+        help="the most tokens one answer may have; larger max_tokens are capped (default: 512)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_positive(int),
+        default=25_000_000,
+        help="larger request bodies get 413 (default: 25000000)",
+    )
+    serve.add_argument(
+        "--max-audio-seconds",
+        type=_positive(float),
+        default=600.0,
+        help="the most audio one request may hold, all clips together (default: 600)",
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: info)")
+    serve.set_defaults(run=run_serve)
+    return serve
+
+
+def _check_model_dir(model: str) -> Path:
+    # Only that it is a folder: what is inside is checked when it loads, once torch is imported.
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"--model {model}: no such folder; expected an eardrum checkpoint folder")
+    return path
+
+
+def _check_device(device: str) -> None:
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port` and listening, or an OSError that says the port is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as err:
+        raise OSError(f"--host {host}: cannot resolve it ({err})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restarts need not wait out TIME_WAIT
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; is another server using it? choose another --port"
+        ) from None
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of `eardrum serve`: check the arguments, take the port, then load and serve until stopped."""
+    model_dir = _check_model_dir(args.model)
+    _check_device(args.device)
+    sock = listen(args.host, args.port)
+    from eardrum.inference.server import ServerSettings, serve
+
+    settings = ServerSettings(
+        model_name=args.model_name or model_dir.resolve().name,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_new_tokens=args.max_new_tokens,
+        max_request_bytes=args.max_request_bytes,
+        max_audio_seconds=args.max_audio_seconds,
+    )
+    try:
+        serve(str(model_dir), sock, settings, device=args.device, log_level=args.log_level)
+    finally:
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m eardrum.inference.cli_serve serve ...`: the same command outside the `eardrum` script."""
+    parser = argparse.ArgumentParser(prog="eardrum", description="Give a large language model ears.")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""An HTTP server for one eardrum checkpoint that speaks OpenAI's chat-completions format.
+
+    POST /v1/chat/completions   text and base64 `input_audio` parts in; an answer, or SSE chunks with stream
+    GET  /v1/models             the one model served (also GET /v1/models/{id})
+    GET  /health                liveness; requests waiting, batches and requests run, the largest batch
+
+A request's body is read with a size limit on the event loop; its JSON is validated, its audio
+decoded and its prompt tokenized on a pool thread; then it is queued for the generation thread of
+`batch_engine`, which runs waiting requests as one batched `generate` (streaming ones included) and
+reports back through a queue the request's coroutine awaits. The event loop never waits on the model.
+
+The server never opens a file a client names: audio comes only as base64 `input_audio` data and is
+handed to the processor as decoded arrays; text parts stay text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import logging
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+import uvicorn
+from jinja2 import TemplateError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from eardrum.adapters.audio import SAMPLING_RATE, AudioError, AudioTooLongError, load_audio
+from eardrum.adapters.processor import AudioProcessor, ConversationError
+
+from .batch_engine import GenerationEngine, Job
+from .openai_schema import (
+    APIError,
+    AudioClip,
+    ChatRequest,
+    bad_request,
+    chunk_body,
+    completion_body,
+    model_body,
+    parse_chat_request,
+    parse_json,
+    sse,
+    usage_body,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one server serves and the limits it enforces."""
+
+    model_name: str  # the id clients must send as `model`
+    max_batch: int = 8  # requests per generate call
+    batch_wait_ms: float = 5.0  # how long the oldest request waits for others to share its batch
+    max_new_tokens: int = 512  # larger max_tokens are capped to this
+    max_request_bytes: int = 25_000_000  # larger bodies get 413
+    max_audio_seconds: float = 600.0  # per request, all clips together
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every setting out of range."""
+        problems = [
+            f"{name}: expected a positive number, got {getattr(self, name)!r}"
+            for name in ("max_batch", "max_new_tokens", "max_request_bytes", "max_audio_seconds")
+            if not getattr(self, name) > 0
+        ]
+        if not self.batch_wait_ms >= 0:
+            problems.append(f"batch_wait_ms: expected a number >= 0, got {self.batch_wait_ms!r}")
+        if not self.model_name:
+            problems.append("model_name: expected a non-empty name")
+        if problems:
+            raise ValueError("invalid server settings: " + "; ".join(problems))
+
+
+def decode_request_audio(messages: list[dict], max_seconds: float) -> list[dict]:
+    """The conversation with each `AudioClip` decoded to `(wave, 16000)`.
+
+    All clips of one request together may last at most `max_seconds`.
+    """
+    used = 0.0
+
+    def decode(part: dict) -> dict:
+        nonlocal used
+        if part["type"] != "audio":
+            return part
+        wave = _decode_clip(part["audio"], max_seconds, used)
+        used += len(wave) / SAMPLING_RATE
+        return {"type": "audio", "audio": (wave, SAMPLING_RATE)}
+
+    out = []
+    for message in messages:
+        content = message["content"]
+        content = content if isinstance(content, str) else [decode(part) for part in content]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _decode_clip(clip: AudioClip, limit: float, used: float) -> np.ndarray:
+    # The header is read first: a few megabytes of compressed audio can hold hours.
+    seconds = _header_seconds(clip.data)
+    if seconds is not None and used + seconds > limit:
+        raise _too_long(clip.where, seconds, limit, used)
+    try:
+        wave = load_audio(clip.data, max_seconds=limit, name=clip.where)
+    except AudioTooLongError as err:
+        raise bad_request(str(err), clip.where, code="audio_too_long") from err
+    except AudioError as err:
+        raise bad_request(str(err), clip.where, code="invalid_audio") from err
+    except Exception as err:  # a decoder failing on a client's bytes is still about those bytes
+        raise bad_request(f"{clip.where}: could not decode the audio ({err})", clip.where, "invalid_audio") from err
+    if used + len(wave) / SAMPLING_RATE > limit:
+        raise _too_long(clip.where, len(wave) / SAMPLING_RATE, limit, used)
+    return wave
+
+
+def _header_seconds(data: bytes) -> float | None:
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # unreadable: load_audio then says what is wrong with it
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
+
+
+def _too_long(where: str, seconds: float, limit: float, used: float) -> APIError:
+    before = f", after {used:.1f} s in the clips before it" if used else ""
+    return bad_request(
+        f"{where}: the audio lasts {seconds:.1f} s{before}; this server accepts at most {limit:g} s of audio "
+        "per request (--max-audio-seconds)",
+        where,
+        code="audio_too_long",
+    )
+
+
+class RequestReader:
+    """Raw body -> validated request, decoded audio and prompt length. Runs on pool threads."""
+
+    def __init__(self, processor: AudioProcessor, settings: ServerSettings) -> None:
+        # A copy, so request threads never share a tokenizer with the generation thread.
+        self.processor = copy.deepcopy(processor)
+        self.settings = settings
+        self._lock = threading.Lock()  # the copy is shared by the pool threads
+
+    def __call__(self, raw: bytes) -> tuple[ChatRequest, list[dict], int]:
+        chat = parse_chat_request(parse_json(raw), max_new_tokens=self.settings.max_new_tokens)
+        if chat.model != self.settings.model_name:
+            raise APIError(
+                404,
+                f"the model {chat.model!r} does not exist; this server serves {self.settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        conversation = decode_request_audio(chat.messages, self.settings.max_audio_seconds)
+        return chat, conversation, self._prompt_tokens(conversation)
+
+    def _prompt_tokens(self, conversation: list[dict]) -> int:
+        with self._lock:
+            try:
+                batch = self.processor([conversation], add_generation_prompt=True, featurize=False)
+            except (ConversationError, AudioError) as err:
+                raise bad_request(f"messages: {err}", "messages") from err
+            except TemplateError as err:
+                raise bad_request(f"messages: the model's chat template refused them ({err})", "messages") from err
+        return int(batch["input_ids"].shape[1])  # audio placeholders included
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What every response body of one request shares."""
+
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+
+    def chunk(self, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
+        return sse(chunk_body(self.id, self.created, self.model, delta, finish_reason, usage))
+
+
+async def _stream(job: Job, reply: _Reply, include_usage: bool):
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
+        while True:
+            event = await job.events.get()
+            if isinstance(event, str):
+                yield reply.chunk({"content": event})
+            elif isinstance(event, APIError):  # headers are sent: the error goes in the stream
+                yield sse(event.body())
+                return
+            else:
+                yield reply.chunk({}, event.finish_reason)
+                if include_usage:
+                    yield reply.chunk(None, usage=usage_body(reply.prompt_tokens, event.completion_tokens))
+                yield sse("[DONE]")
+                return
+    finally:
+        job.cancelled = True  # a client that left stops costing generation steps
+
+
+async def _complete(job: Job, reply: _Reply) -> dict:
+    try:
+        event = await job.events.get()
+    except asyncio.CancelledError:
+        job.cancelled = True
+        raise
+    if isinstance(event, APIError):
+        raise event
+    usage = usage_body(reply.prompt_tokens, event.completion_tokens)
+    return completion_body(reply.id, reply.created, reply.model, event.text, event.finish_reason, usage)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:  # a chunked upload with no declared length
+            raise _too_large(None, limit)
+    return bytes(body)
+
+
+def _too_large(size: int | None, limit: int) -> APIError:
+    size_text = f" ({size} bytes)" if size is not None else ""
+    return APIError(
+        413,
+        f"the request body{size_text} is over this server's limit of {limit} bytes (--max-request-bytes)",
+        code="request_too_large",
+    )
+
+
+def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> Starlette:
+    """The ASGI app; its lifespan starts and stops the generation thread."""
+    settings.validate()
+    engine = GenerationEngine(
+        model, processor, max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000
+    )
+    reader = RequestReader(processor, settings)
+    started = int(time.time())
+
+    async def chat_completions(request: Request) -> Response:
+        raw = await _read_body(request, settings.max_request_bytes)
+        chat, conversation, prompt_tokens = await run_in_threadpool(reader, raw)
+        job = Job(conversation, chat.options, chat.stream, asyncio.get_running_loop())
+        engine.submit(job)
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), settings.model_name, prompt_tokens)
+        if chat.stream:
+            stream = _stream(job, reply, chat.include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await _complete(job, reply))
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_body(settings.model_name, started)]})
+
+    async def one_model(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name != settings.model_name:
+            raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(model_body(name, started))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": settings.model_name, **engine.stats()})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.close)
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", one_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    error = APIError(500, "internal server error; the server log has the details", type="server_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
+def serve(
+    model_dir: str, sock: socket.socket, settings: ServerSettings, *, device: str = "auto", log_level: str = "info"
+) -> None:
+    """Load the checkpoint in `model_dir` onto `device` and serve it on `sock` (bound, listening) until stopped."""
+    from eardrum.adapters.checkpoint import load_pretrained
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_pretrained(model_dir)
+    model.to(torch.device(device)).eval()
+    app = create_app(model, processor, settings)
+    host, port = sock.getsockname()[:2]
+    print(
+        f"eardrum serve: {settings.model_name!r} on http://{host}:{port} ({device}, up to {settings.max_batch} "
+        "requests per batch)",
+        flush=True,
+    )
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)).run(sockets=[sock])

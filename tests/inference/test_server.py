@@ -1,0 +1,404 @@
+"""`eardrum serve`: a real server process on loopback, driven by the official openai client.
+
+Answers are compared with the same checkpoint called directly in this process (greedy, exact).
+Every request has a timeout and every loop a count, so a hung server fails the test instead of
+hanging it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import soundfile as sf
+import torch
+import uvicorn
+from openai import OpenAI
+
+from eardrum.adapters.checkpoint import load_pretrained
+from eardrum.adapters.tiny import TINY_SOUNDS, synth_sound
+from eardrum.inference.cli_serve import listen
+from eardrum.inference.server import ServerSettings, create_app
+from eardrum.training.smoke import QUESTION, run_smoke
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+HOST = "127.0.0.1"
+MODEL = "tiny-ears"
+MAX_NEW_TOKENS = 12
+MAX_AUDIO_SECONDS = 5
+MAX_REQUEST_BYTES = 400_000
+TIMEOUT = 60  # seconds, per request
+
+
+def _serve_module() -> str:
+    """`eardrum.inference.cli` once it registers `serve`, else the command's own module."""
+    from eardrum.inference import cli
+
+    choices = re.search(r"\{([^}]*)\}", cli.build_parser().format_usage())
+    wired = choices is not None and "serve" in choices.group(1).split(",")
+    return "eardrum.inference.cli" if wired else "eardrum.inference.cli_serve"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _serve(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", _serve_module(), "serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def _wav(seconds: float, sound: int = 0, variant: int = 0) -> bytes:
+    freq, beeps = list(TINY_SOUNDS.values())[sound]
+    buffer = io.BytesIO()
+    sf.write(buffer, synth_sound(freq, beeps, seconds, phase=variant), 16000, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _clip(i: int) -> bytes:
+    """20 different clips: 4 sounds x 5 lengths and phases."""
+    return _wav(0.5 + 0.1 * (i // 4), sound=i % 4, variant=i // 4)
+
+
+def _audio_part(wav: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+
+
+def _messages(wav: bytes) -> list[dict]:
+    return [{"role": "user", "content": [_audio_part(wav), {"type": "text", "text": QUESTION}]}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return Path(run_smoke(tmp_path_factory.mktemp("serve"), steps=120)["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory) -> Iterator[str]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    options = (
+        f"--model-name {MODEL} --host {HOST} --port {port} --log-level warning --max-batch 8 --batch-wait-ms 20 "
+        f"--max-new-tokens {MAX_NEW_TOKENS} --max-audio-seconds {MAX_AUDIO_SECONDS} "
+        f"--max-request-bytes {MAX_REQUEST_BYTES}"
+    )
+    command = [sys.executable, "-m", _serve_module(), "serve", "--model", str(checkpoint), *options.split()]
+    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the server
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    base = f"http://{HOST}:{port}"
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"the server did not answer /health within a minute:\n{log.read_text()}")
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoint):
+    """Answer as the model called directly: (text, prompt tokens, new tokens up to and with end of turn)."""
+    model, processor = load_pretrained(checkpoint)
+    eos = model.llm.generation_config.eos_token_id
+
+    def answer(wav: bytes, max_tokens: int = MAX_NEW_TOKENS) -> tuple[str, int, int]:
+        content = [{"type": "audio", "audio": wav}, {"type": "text", "text": QUESTION}]
+        conversation = [{"role": "user", "content": content}]
+        batch = processor([conversation], add_generation_prompt=True)
+        ids = model.generate(
+            **batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )[0].tolist()
+        used = ids.index(eos) + 1 if eos in ids else len(ids)
+        return processor.batch_decode([ids])[0], batch["input_ids"].shape[1], used
+
+    answer.model, answer.processor = model, processor
+    return answer
+
+
+def _post(server: str, body: dict | bytes) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{server}/v1/chat/completions", content=content, headers=headers, timeout=TIMEOUT)
+
+
+def test_health_and_models(server, client):
+    health = httpx.get(f"{server}/health", timeout=TIMEOUT)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion_is_the_direct_greedy_answer_with_usage(client, direct):
+    wav = _clip(0)
+    text, prompt_tokens, new_tokens = direct(wav)
+    reply = client.chat.completions.create(model=MODEL, messages=_messages(wav), temperature=0)
+    assert reply.choices[0].message.content == text == "a low tone"
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason == "stop"
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == MODEL
+    audio_tokens = direct.processor.clip_num_tokens(8000)
+    assert reply.usage.prompt_tokens == prompt_tokens > audio_tokens  # the audio tokens are counted
+    assert reply.usage.completion_tokens == new_tokens == 7
+    assert reply.usage.total_tokens == prompt_tokens + new_tokens
+
+
+def test_max_tokens_cuts_the_answer_with_finish_reason_length(client, direct):
+    wav = _clip(1)
+    reply = client.chat.completions.create(model=MODEL, messages=_messages(wav), temperature=0, max_tokens=3)
+    assert reply.choices[0].message.content == direct(wav, 3)[0]
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+    capped = client.chat.completions.create(model=MODEL, messages=_messages(wav), temperature=0, max_tokens=10**6)
+    assert capped.choices[0].message.content == direct(wav)[0]  # capped at --max-new-tokens, not an error
+
+
+def test_stream_deltas_join_to_the_same_text(client, direct):
+    wav = _clip(3)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=_messages(wav), temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    joined = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text, prompt_tokens, new_tokens = direct(wav)
+    assert joined == text == "three beeps" and len(chunks) > 4
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == new_tokens
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": MODEL, "messages": _messages(_clip(2)), "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=TIMEOUT) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_string_cuts_before_it_streaming_or_not(client):
+    kwargs = {"model": MODEL, "messages": _messages(_clip(0)), "temperature": 0, "stop": [" tone", "zzz"]}
+    reply = client.chat.completions.create(**kwargs)
+    assert reply.choices[0].message.content == "a low" and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "a low"
+
+
+def test_seeded_sampling_repeats(client):
+    kwargs = {"model": MODEL, "messages": _messages(_clip(5)), "temperature": 2.0, "top_p": 0.9, "seed": 11}
+    answers = {client.chat.completions.create(**kwargs).choices[0].message.content for _ in range(3)}
+    assert len(answers) == 1
+
+
+def test_vanishing_temperature_samples_the_greedy_answer(client, direct):
+    wav = _clip(7)
+    reply = client.chat.completions.create(model=MODEL, messages=_messages(wav), temperature=1e-300)
+    assert reply.choices[0].message.content == direct(wav)[0]
+
+
+def test_twenty_concurrent_requests_each_get_their_own_answer(server, client, direct):
+    clips = [_clip(i) for i in range(20)]
+    limits = [3 + i % 10 for i in range(20)]  # different lengths too, so rows of a batch end apart
+    expected = [direct(wav, n)[0] for wav, n in zip(clips, limits)]
+
+    def ask(i: int) -> str:
+        messages = _messages(clips[i])
+        reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=limits[i])
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        futures = [pool.submit(ask, i) for i in range(20)]
+        answers = [f.result(timeout=TIMEOUT) for f in futures]
+    assert answers == expected
+    assert len(set(answers)) >= 8
+    stats = httpx.get(f"{server}/health", timeout=TIMEOUT).json()
+    assert stats["largest_batch"] > 1 and stats["waiting"] == 0  # requests did share a generate call
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def _user(*parts: dict) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": list(parts)}]}
+
+
+TEXT = {"type": "text", "text": "hi"}
+C0, C1 = "messages[0].content[0]", "messages[0].content[1]"
+ASSISTANT_AUDIO = {"model": MODEL, "messages": [{"role": "assistant", "content": [_audio_part(_clip(0))]}]}
+BAD_REQUESTS = {  # name: (body, param, a piece of the message); each gets a 400
+    "malformed json": (b'{"model": "tiny-ears", "messages": [', None, "not valid JSON"),
+    "not an object": (b"[1, 2]", None, "JSON object"),
+    "deep json": (b"[" * 100_000, None, "too deeply"),
+    "no model": ({"messages": [{"role": "user", "content": "hi"}]}, "model", "model"),
+    "no messages": ({"model": MODEL}, "messages", "messages"),
+    "bad role": ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "robot"),
+    "content not text": ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "list"),
+    "file path part": (_user({"type": "audio", "audio": "/etc/passwd"}, TEXT), f"{C0}.type", "never opens paths"),
+    "audio_url part": (
+        _user({"type": "audio_url", "audio_url": {"url": "file:///etc/passwd"}}),
+        f"{C0}.type",
+        "refused",
+    ),
+    "file part": (_user(TEXT, {"type": "file", "file": {"file_id": "x"}}), f"{C1}.type", "refused"),
+    "path as audio data": (
+        _user({"type": "input_audio", "input_audio": {"data": "/etc/passwd"}}),
+        f"{C0}.input_audio.data",
+        "base64",
+    ),
+    "bad format": (
+        _user({"type": "input_audio", "input_audio": {"data": "", "format": "aiff"}}),
+        f"{C0}.input_audio.format",
+        "aiff",
+    ),
+    "undecodable audio": (_user(TEXT, _audio_part(b"RIFF not really a wav file")), C1, f"{C1}: could not decode"),
+    "empty audio": (_user(_audio_part(b"")), C0, "no data"),
+    "audio too long": (
+        _user(_audio_part(_wav(MAX_AUDIO_SECONDS + 1.0))),
+        C0,
+        "lasts 6.0 s; this server accepts at most 5 s",
+    ),
+    "too long together": (
+        _user(_audio_part(_wav(3.0)), _audio_part(_wav(3.0))),
+        C1,
+        "after 3.0 s in the clips before it",
+    ),
+    "audio from the assistant": (ASSISTANT_AUDIO, C0, "user messages only"),
+    "placeholder in text": (_user({"type": "text", "text": "<|audio|>"}), "messages", "placeholder"),
+    "zero max_tokens": ({**_user(TEXT), "max_tokens": 0}, "max_tokens", ">= 1"),
+    "text max_tokens": ({**_user(TEXT), "max_completion_tokens": "9"}, "max_completion_tokens", "integer"),
+    "hot temperature": ({**_user(TEXT), "temperature": 3}, "temperature", "0 to 2"),
+    "zero top_p": ({**_user(TEXT), "top_p": 0}, "top_p", "above 0"),
+    "five stops": ({**_user(TEXT), "stop": ["a", "b", "c", "d", "e"]}, "stop", "1 to 4"),
+    "several choices": ({**_user(TEXT), "n": 2}, "n", "not supported"),
+    "tools": ({**_user(TEXT), "tools": [{"type": "function"}]}, "tools", "not supported"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_an_openai_400(server, name):
+    body, param, piece = BAD_REQUESTS[name]
+    error = _error(_post(server, body), 400)
+    assert error["param"] == param and piece in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_gets_404_model_not_found(server):
+    error = _error(_post(server, {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "gpt-9" in error["message"]
+
+
+def test_oversize_request_gets_413(server):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}).encode()
+    assert str(MAX_REQUEST_BYTES) in _error(_post(server, body), 413)["message"]
+
+    def pieces():  # no content-length: the limit must hold while reading
+        for _ in range(5):
+            yield b"x" * 100_000
+
+    chunked = httpx.post(f"{server}/v1/chat/completions", content=pieces(), timeout=TIMEOUT)
+    assert _error(chunked, 413)["code"] == "request_too_large"
+
+
+def test_unknown_route_and_method_get_openai_errors(server):
+    _error(httpx.get(f"{server}/v1/nothing", timeout=TIMEOUT), 404)
+    _error(httpx.get(f"{server}/v1/chat/completions", timeout=TIMEOUT), 405)
+
+
+def test_still_serves_after_the_bad_requests(client, direct):
+    wav = _clip(6)
+    reply = client.chat.completions.create(model=MODEL, messages=_messages(wav), temperature=0)
+    assert reply.choices[0].message.content == direct(wav)[0]
+
+
+@contextmanager
+def _in_process_server(app) -> Iterator[str]:
+    """Serve `app` from a thread of this process on a free loopback port."""
+    sock = listen(HOST, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield f"http://{HOST}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def test_model_failure_is_a_500_and_the_next_request_works(direct):
+    class FailsOnce:
+        def __init__(self, model) -> None:
+            self.model, self.failed = model, False
+
+        def __getattr__(self, name: str):
+            return getattr(self.model, name)
+
+        def generate(self, **kwargs) -> torch.Tensor:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("out of memory, say")
+            return self.model.generate(**kwargs)
+
+    app = create_app(FailsOnce(direct.model), direct.processor, ServerSettings(model_name=MODEL, max_new_tokens=12))
+    body = {"model": MODEL, "messages": _messages(_clip(4)), "temperature": 0}
+    with _in_process_server(app) as base:
+        error = _error(_post(base, body), 500)
+        assert error["type"] == "server_error" and "out of memory" not in error["message"]
+        ok = _post(base, body)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == direct(_clip(4))[0]
+
+
+def test_missing_model_folder_is_a_one_line_error(tmp_path):
+    result = _serve("--model", str(tmp_path / "nope"), "--port", str(_free_port()))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "no such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_busy_port_is_a_one_line_error(checkpoint):
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        result = _serve("--model", str(checkpoint), "--host", HOST, "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
