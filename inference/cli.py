@@ -7,6 +7,8 @@
     eardrum chat --model DIR [--audio [NAME=]FILE ...]                      talk about recordings, answers streamed
     eardrum ask --model DIR --audio [NAME=]FILE [...] [--json] "question"   one answer, for scripts
     eardrum serve --model DIR [--host H] [--port N]   an OpenAI-compatible HTTP server (input_audio parts)
+    eardrum generate --model DIR --manifest IN.jsonl --out OUT.jsonl   batch answers, resumable
+    eardrum eval --model DIR --manifest TEST.jsonl --task asr|qa|caption [--parity]   metrics
 
 User mistakes end with one line on stderr and exit code 2; nothing prints a traceback for them.
 """
@@ -92,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("model_dir")
     merge.add_argument("out_dir")
     merge.set_defaults(run=_merge_lora)
+    from eardrum.inference.cli_batch import add_batch_parsers
     from eardrum.inference.cli_chat import add_chat_parsers
     from eardrum.inference.cli_serve import add_serve_parser
 
     add_chat_parsers(sub)
+    add_batch_parsers(sub)
     add_serve_parser(sub)
     return parser
 

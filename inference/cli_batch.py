@@ -1,0 +1,141 @@
+"""`eardrum generate` and `eardrum eval`: answer or score a whole manifest.
+
+    eardrum generate --model DIR --manifest in.jsonl --out out.jsonl [--batch-size N] [--max-new-tokens N]
+    eardrum eval --model DIR --manifest test.jsonl --task asr|qa|caption [--out DIR] [--parity]
+
+`add_batch_parsers(subparsers)` registers both on the `eardrum` parser; `main` runs them alone
+(`python -m eardrum.inference.cli_batch ...`). User mistakes end with one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+def _settings(args: argparse.Namespace):
+    from .chat import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _one_line(err: BaseException) -> ValueError:
+    """The error as a ValueError with a one-line message (a manifest problem may list several lines)."""
+    return ValueError("; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import format_generate_summary, generate_manifest
+
+    try:
+        summary = generate_manifest(
+            args.model,
+            args.manifest,
+            args.out,
+            batch_size=args.batch_size,
+            settings=_settings(args),
+            task=args.task,
+            prompt=args.prompt,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as err:
+        raise _one_line(err) from None
+    except KeyboardInterrupt:
+        # Every answer so far is on disk: the same command picks up from there.
+        print(f"eardrum generate: interrupted; run the same command again to resume into {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_generate_summary(summary))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_manifest, format_table
+
+    out = args.out or f"eval-{Path(args.manifest).stem}"
+    try:
+        summary = evaluate_manifest(
+            args.model,
+            args.manifest,
+            args.task,
+            out_dir=out,
+            parity=args.parity,
+            batch_size=args.batch_size,
+            settings=_settings(args),
+            prompt=args.prompt,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as err:
+        raise _one_line(err) from None
+    print(format_table(summary))
+    print(f"per-example results and summary written to {out}/ ({summary['seconds']:.1f} s)")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--manifest", required=True, help="JSONL manifest (asr/caption, qa or chat lines)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1 = off")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--prompt", help="the prompt for asr / caption lines (default: the task's default prompt)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_batch_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register `generate` and `eval` (with their handlers, as `run`) on the `eardrum` subparsers."""
+    gen = subparsers.add_parser("generate", help="answer every line of a manifest into a JSONL file (resumable)")
+    _common(gen, max_new_tokens=256)
+    gen.add_argument("--out", required=True, help="output JSONL; lines already in it are skipped")
+    gen.add_argument("--task", choices=("asr", "caption", "qa", "chat"), help="read every line as this task")
+    gen.set_defaults(run=_generate)
+    ev = subparsers.add_parser("eval", help="score a checkpoint on a manifest: WER/CER, QA accuracy, BLEU/CIDEr")
+    _common(ev, max_new_tokens=128)
+    ev.add_argument("--task", required=True, choices=("asr", "qa", "caption"))
+    ev.add_argument("--out", help="folder for per_example.jsonl and summary.json (default: ./eval-MANIFEST_NAME)")
+    ev.add_argument(
+        "--parity", action="store_true", help="also ask with each line's 'transcript' in place of its audio"
+    )
+    ev.set_defaults(run=_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `generate` or `eval` on their own, with the `eardrum` command's error handling."""
+    parser = argparse.ArgumentParser(prog="eardrum", description="Answer or score a manifest.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded from where")
+    add_batch_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
