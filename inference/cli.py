@@ -1,5 +1,6 @@
 """The `eardrum` command line.
 
+    eardrum demo [--quick] [--assets DIR]  real weights: fetch, train, evaluate, answer spoken questions
     eardrum train RECIPE.yaml [key.sub=value ...]   train (also under `accelerate launch`)
     eardrum info MODEL_DIR [--json]        what a checkpoint holds
     eardrum smoke [--out DIR] [--steps N]  a tiny end-to-end run on random tiny models
@@ -36,6 +37,13 @@ def _train(args: argparse.Namespace) -> int:
         print(f"trained {result['steps']} steps in {result['seconds']:.1f} s; model saved to {result['final']}")
         if result.get("eval"):
             print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from eardrum.inference.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, assets_dir=args.assets, whisper=args.whisper, seed=args.seed)
     return 0
 
 
@@ -82,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="e.g. output_dir=runs/x optim.lr=3e-4")
     train.add_argument("--check", action="store_true", help="only check the recipe and exit")
     train.set_defaults(run=_train)
+    demo = sub.add_parser("demo", help="fetch real weights, train, evaluate and answer spoken questions")
+    demo.add_argument("--quick", action="store_true", help="small data and few steps: a first look in minutes")
+    demo.add_argument("--assets", help="a folder holding the weight packages already (no network needed)")
+    demo.add_argument("--out", default="runs/demo", help="where the checkpoints and results go")
+    demo.add_argument("--whisper", default="tiny.en", choices=["tiny.en", "base"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="print what a checkpoint directory holds")
     info.add_argument("model_dir")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -107,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `eardrum` console script."""
     args = build_parser().parse_args(argv)
-    quiet = not args.verbose and args.command not in ("train",)
+    quiet = not args.verbose and args.command not in ("train", "demo")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ != "TrainingError":
+        if type(err).__name__ not in ("TrainingError", "AssetError"):
             raise
         print(f"eardrum {args.command}: stopped: {err}", file=sys.stderr)
         return 3

