@@ -32,44 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from shapes import write_demo_bases  # benchmarks/shapes.py: the demo models' shapes, defined once
 from transformers.generation.streamers import BaseStreamer
 
 from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
-from eardrum.adapters.tiny import build_tokenizer, save_tiny_bases
+from eardrum.adapters.tiny import save_tiny_bases
 
 QUESTION = "What is said in this recording?"
 SIZES = ("tiny", "demo")
-DEMO_LLM = dict(  # SmolLM2-135M's shapes
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
-
-def write_demo_bases(root: Path) -> dict[str, str]:
-    """Random Whisper-base-shaped and SmolLM2-135M-shaped folders under `root` (reused if present)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from whisper_trim import base_sized_whisper  # the Whisper-base shapes, defined once for the benchmarks
-
-    dirs = {"whisper": root / "whisper", "llama": root / "llama"}
-    if not (dirs["llama"] / "config.json").is_file():
-        torch.manual_seed(0)
-        whisper, extractor = base_sized_whisper()
-        whisper.save_pretrained(dirs["whisper"])
-        extractor.save_pretrained(dirs["whisper"])
-        LlamaForCausalLM(LlamaConfig(**DEMO_LLM)).save_pretrained(dirs["llama"])
-        build_tokenizer("chatml").save_pretrained(dirs["llama"])
-    return {k: str(v) for k, v in dirs.items()}
 
 
 class FirstTokenClock(BaseStreamer):

@@ -22,48 +22,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from shapes import write_demo_bases  # benchmarks/shapes.py: the demo models' shapes, defined once
 
 from eardrum.training.recipe import recipe_from_dict
 from eardrum.training.trainer import train
-
-
-def demo_sized_bases(root: Path) -> dict[str, str]:
-    """Random folders with the demo models' shapes (weights do not change the cost)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperForConditionalGeneration
-
-    from eardrum.adapters.tiny import build_tokenizer, whisper_feature_extractor
-
-    torch.manual_seed(0)
-    whisper = WhisperForConditionalGeneration(
-        WhisperConfig(
-            d_model=512,
-            encoder_layers=6,
-            decoder_layers=1,
-            encoder_attention_heads=8,
-            decoder_attention_heads=8,
-            encoder_ffn_dim=2048,
-            decoder_ffn_dim=2048,
-            num_mel_bins=80,
-        )
-    )
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-        )
-    )
-    paths = {"whisper": root / "whisper-base-sized", "llama": root / "smollm2-135m-sized"}
-    whisper.save_pretrained(paths["whisper"])
-    whisper_feature_extractor().save_pretrained(paths["whisper"])
-    llama.save_pretrained(paths["llama"])
-    build_tokenizer("chatml").save_pretrained(paths["llama"])
-    return {k: str(v) for k, v in paths.items()}
 
 
 def synthetic_manifest(root: Path, count: int, seconds: float) -> Path:
@@ -121,7 +83,7 @@ def main() -> None:
     results = {}
     for size in args.sizes.split(","):
         bases = (
-            {"whisper": "tiny:whisper", "llama": "tiny:llama"} if size == "tiny" else demo_sized_bases(tmp / "bases")
+            {"whisper": "tiny:whisper", "llama": "tiny:llama"} if size == "tiny" else write_demo_bases(tmp / "bases")
         )
         cache = str(tmp / f"cache-{size}")
         results[size] = {

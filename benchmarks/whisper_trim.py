@@ -18,24 +18,9 @@ import time
 
 import numpy as np
 import torch
+from shapes import base_sized_whisper  # benchmarks/shapes.py: the demo models' shapes, defined once
 
 from eardrum.adapters.encoders import AudioFeaturizer, build_speech_encoder, frame_spec_from_config
-
-
-def base_sized_whisper():
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    cfg = WhisperConfig(
-        d_model=512,
-        encoder_layers=6,
-        decoder_layers=1,
-        encoder_attention_heads=8,
-        decoder_attention_heads=8,
-        encoder_ffn_dim=2048,
-        decoder_ffn_dim=2048,
-        num_mel_bins=80,
-    )
-    return WhisperForConditionalGeneration(cfg).eval(), WhisperFeatureExtractor(feature_size=80)
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -11,8 +11,6 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -118,24 +116,3 @@ def add_batch_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--parity", action="store_true", help="also ask with each line's 'transcript' in place of its audio"
     )
     ev.set_defaults(run=_eval)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `generate` or `eval` on their own, with the `eardrum` command's error handling."""
-    parser = argparse.ArgumentParser(prog="eardrum", description="Answer or score a manifest.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded from where")
-    add_batch_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        return args.run(args)
-    except (ValueError, OSError) as err:
-        print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

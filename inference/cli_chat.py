@@ -241,17 +241,3 @@ def _command(chat, line: str) -> bool:
     else:
         raise ValueError(f"unknown command {word!r}; /help lists the commands")
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `chat` or `ask` on their own, outside the full `eardrum` command."""
-    parser = argparse.ArgumentParser(prog="eardrum")
-    add_chat_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

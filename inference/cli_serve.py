@@ -11,10 +11,7 @@ then on; requests that arrive while the model loads wait for it.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import socket
-import sys
 from pathlib import Path
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -144,22 +141,3 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m eardrum.inference.cli_serve serve ...`: the same command outside the `eardrum` script."""
-    parser = argparse.ArgumentParser(prog="eardrum", description="Give a large language model ears.")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        return args.run(args)
-    except (ValueError, OSError) as err:
-        print(f"eardrum {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

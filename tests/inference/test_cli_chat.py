@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -21,15 +20,8 @@ from eardrum.inference.chat import AudioChat, GenerationSettings
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _entry_module() -> str:
-    """The full `eardrum` command once it carries `ask`, else this module's own entry point."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return "eardrum.inference.cli" if "ask" in sub.choices else "eardrum.inference.cli_chat"
-
-
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", _entry_module(), *args]
+    command = [sys.executable, "-m", "eardrum.inference.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, input=stdin, timeout=120)
 
 
@@ -52,9 +44,9 @@ def expected(files) -> AudioChat:
 
 def test_ask_prints_the_answer_and_reads_a_dash_question_from_stdin(files, expected, capsys, monkeypatch):
     args = ["ask", "--model", files["model"], "--max-new-tokens", "6", "--audio", files["low"]]
-    assert cli_chat.main([*args, "hi"]) == 0
+    assert cli.main([*args, "hi"]) == 0
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
-    assert cli_chat.main([*args, "-"]) == 0
+    assert cli.main([*args, "-"]) == 0
     expected.reset()
     expected.add_recording(files["low"])
     answer = expected.ask("hi")
@@ -103,7 +95,7 @@ def test_ask_user_error_is_one_line_exit_2_without_traceback(files):
 )
 def test_ask_user_errors_in_process(files, tmp_path, capsys, args, message):
     fill = {**files, "tmp": str(tmp_path)}
-    assert cli_chat.main(["ask", *(a.format(**fill) for a in args)]) == 2
+    assert cli.main(["ask", *(a.format(**fill) for a in args)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("eardrum ask: error: ") and err.count("\n") == 1
     assert message in err

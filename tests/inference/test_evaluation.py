@@ -15,7 +15,7 @@ from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
 from eardrum.adapters.tiny import save_tiny_bases, write_tiny_dataset
 from eardrum.inference import generate
-from eardrum.inference.cli_batch import main
+from eardrum.inference.cli import main
 from eardrum.inference.evaluation import evaluate_manifest, format_table
 from eardrum.training.metrics import cider
 
@@ -149,7 +149,7 @@ def test_unknown_task_is_refused(built):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "eardrum.inference.cli_batch", *args]
+    command = [sys.executable, "-m", "eardrum.inference.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
 
 

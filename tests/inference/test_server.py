@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -44,15 +43,6 @@ MAX_REQUEST_BYTES = 400_000
 TIMEOUT = 60  # seconds, per request
 
 
-def _serve_module() -> str:
-    """`eardrum.inference.cli` once it registers `serve`, else the command's own module."""
-    from eardrum.inference import cli
-
-    choices = re.search(r"\{([^}]*)\}", cli.build_parser().format_usage())
-    wired = choices is not None and "serve" in choices.group(1).split(",")
-    return "eardrum.inference.cli" if wired else "eardrum.inference.cli_serve"
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -60,7 +50,7 @@ def _free_port() -> int:
 
 
 def _serve(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", _serve_module(), "serve", *args]
+    command = [sys.executable, "-m", "eardrum.inference.cli", "serve", *args]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -98,7 +88,7 @@ def server(checkpoint, tmp_path_factory) -> Iterator[str]:
         f"--max-new-tokens {MAX_NEW_TOKENS} --max-audio-seconds {MAX_AUDIO_SECONDS} "
         f"--max-request-bytes {MAX_REQUEST_BYTES}"
     )
-    command = [sys.executable, "-m", _serve_module(), "serve", "--model", str(checkpoint), *options.split()]
+    command = [sys.executable, "-m", "eardrum.inference.cli", "serve", "--model", str(checkpoint), *options.split()]
     with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the server
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
     base = f"http://{HOST}:{port}"
