@@ -147,7 +147,7 @@ def train(recipe: Recipe) -> dict:
     total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
     set_schedule_length(scheduler_fn, total_steps)
     if cache is not None:
-        _fill_cache(core, processor, cache, train_records + eval_records, collate, eval_records, prompts, t.seed, main)
+        _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, main)
     bar = _progress_bar(main, total_steps, progress.step)
     model.train()
     start = time.perf_counter()
@@ -283,12 +283,15 @@ def _progress_bar(main: bool, total: int, done: int):
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _fill_cache(core, processor, cache, records, collate, eval_records, prompts, seed, main) -> None:
+def _fill_cache(core, processor, cache, records, prompts, seed, main) -> None:
+    """Encode every audio window of the train and eval records once, before the first step."""
     from .cache import precompute
+
+    every = Collator(processor, records, prompts, seed)
 
     def windows():
         for i in range(len(records)):
-            conv = Collator(processor, records, prompts, seed).conversation(i)
+            conv = every.conversation(i)
             yield from processor([conv], featurize=False, return_labels=False).get("audio_windows", [])
 
     stats = precompute(core, processor.featurizer, windows(), cache, progress=main)
