@@ -202,11 +202,18 @@ def write_problems(problems: Sequence[DataProblem], path: str | os.PathLike) -> 
             f.write(json.dumps({"where": p.where, "message": p.message}, ensure_ascii=False) + "\n")
 
 
+def _location_key(where: str) -> str:
+    """`where` without the folders of its manifest ("dir/a.jsonl line 3" -> "a.jsonl line 3"), so the prompt
+    a record draws does not depend on where the data happens to live."""
+    path, sep, line = where.rpartition(" line ")
+    return f"{Path(path).name}{sep}{line}" if sep else where
+
+
 def build_conversation(record: Record, prompts: dict[str, list[str]], seed: int) -> list[dict]:
     """The processor-format conversation of a record.
 
     asr / caption: the user sends the clip and a prompt from ``prompts[task]``, the assistant
-    replies with the text; the prompt depends only on (seed, record.where), through a stable hash,
+    replies with the text; the prompt depends only on (seed, record.where without its folders), through a stable hash,
     so it is the same on every rank and every run (pass ``seed + epoch`` to vary it by epoch).
     qa: the user sends the clip and the question, the assistant answers. chat: the messages.
     """
@@ -222,7 +229,7 @@ def build_conversation(record: Record, prompts: dict[str, list[str]], seed: int)
         options = prompts.get(record.task)
         if not options:
             raise ValueError(f"prompts[{record.task!r}]: expected a non-empty list of prompts (for {record.where})")
-        ask, reply = options[stable_hash(f"{seed}\0{record.where}") % len(options)], f["text"]
+        ask, reply = options[stable_hash(f"{seed}\0{_location_key(record.where)}") % len(options)], f["text"]
     user = [{"type": "audio", "audio": f["audio"]}, {"type": "text", "text": ask}]
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
