@@ -7,6 +7,9 @@ otherwise the run stops with that name instead of a bare traceback.
 
 from __future__ import annotations
 
+import torch
+
+from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
 
 from .data import DataError, DataProblem, Record, build_conversation
@@ -59,3 +62,16 @@ class Collator:
         except (ValueError, OSError) as err:
             bad.append(DataProblem(self.records[index].where, str(err)))
             return False
+
+
+def model_inputs(batch: dict, model: AudioLLM, processor: AudioProcessor, cache, device=None) -> dict:
+    """A collated batch as `AudioLLM` takes it: raw windows (cache mode) become encoder frames, read from
+    or written to the feature cache, and tensors move to `device` (default: the model's)."""
+    if "audio_windows" in batch:
+        from .cache import encode_windows
+
+        batch["audio_frames"], batch["frame_lengths"] = encode_windows(
+            model, processor.featurizer, batch.pop("audio_windows"), cache
+        )
+    device = device if device is not None else model.device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -7,21 +7,10 @@ import torch
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
 
-from .collate import Collator
+from .collate import Collator, model_inputs
 from .data import Record
 from .metrics import bleu, contains_answer, exact_match, word_error_rate
 from .recipe import Recipe
-
-
-def _with_frames(batch: dict, model: AudioLLM, processor: AudioProcessor, cache) -> dict:
-    if "audio_windows" in batch:
-        from .cache import encode_windows
-
-        batch["audio_frames"], batch["frame_lengths"] = encode_windows(
-            model, processor.featurizer, batch.pop("audio_windows"), cache
-        )
-    device = model.device
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -33,7 +22,7 @@ def eval_loss(model: AudioLLM, collate: Collator, batch_size: int, cache) -> flo
         batch.pop("bad", None)
         if not batch.pop("example_ids"):
             continue
-        batch = _with_frames(batch, model, collate.processor, cache)
+        batch = model_inputs(batch, model, collate.processor, cache)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += model(**batch).loss.item() * n
         tokens += n
@@ -50,7 +39,7 @@ def generate_answers(
     for start in range(0, len(indices), batch_size):
         convs = [collate.conversation(i)[:-1] for i in indices[start : start + batch_size]]
         batch = collate.processor(convs, add_generation_prompt=True, featurize=cache is None)
-        batch = _with_frames(batch, model, collate.processor, cache)
+        batch = model_inputs(batch, model, collate.processor, cache)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         answers += [a.strip() for a in collate.processor.batch_decode(ids)]
     return answers

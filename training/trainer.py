@@ -20,7 +20,7 @@ import torch
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_checkpoint_meta
 
 from .batching import plan_batches, shard_batches
-from .collate import Collator
+from .collate import Collator, model_inputs
 from .data import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
@@ -214,7 +214,6 @@ def _step(
     model, core, optimizer, scheduler_fn, group, collate, cache, acc, recipe, progress
 ) -> tuple[float, int, float]:
     """One optimizer step over a group of micro-batches; returns the mean loss across micro-batches and ranks."""
-    from .cache import encode_windows
 
     losses, examples, audio_seconds = [], 0, 0.0
     for k, indices in enumerate(group):
@@ -224,14 +223,10 @@ def _step(
         if not ids:
             continue
         if "audio_windows" in batch:
-            windows = batch.pop("audio_windows")
-            audio_seconds += sum(len(w) for w in windows) / 16000
-            batch["audio_frames"], batch["frame_lengths"] = encode_windows(
-                core, collate.processor.featurizer, windows, cache
-            )
+            audio_seconds += sum(len(w) for w in batch["audio_windows"]) / 16000
         elif "audio_lengths" in batch:
             audio_seconds += float(batch["audio_lengths"].sum()) / 100  # mel frames are 10 ms
-        batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+        batch = model_inputs(batch, core, collate.processor, cache, device=acc.device)
         sync = k == len(group) - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else _null():
             loss = model(**batch).loss
