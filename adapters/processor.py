@@ -275,3 +275,14 @@ def _audio_source(part: dict, where: str):
             raise ConversationError(f"{where}: an audio 'array' needs a 'sampling_rate'")
         return (part["array"], part["sampling_rate"])
     raise ConversationError(f"{where}: an audio part needs one of 'audio', 'path', 'bytes' or 'array'")
+
+
+def text_in_place_of_audio(conversation: list[dict], transcript: str) -> list[dict]:
+    """The conversation with every audio part replaced by a text part holding `transcript`."""
+    out = []
+    for message in conversation:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{"type": "text", "text": transcript} if p.get("type") == "audio" else p for p in content]
+        out.append({**message, "content": content})
+    return out

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from eardrum.adapters.processor import text_in_place_of_audio
 from eardrum.training.metrics import (
     bleu,
     character_error_rate,
@@ -76,17 +77,6 @@ def item_scores(task: str, reference: str, hypothesis: str) -> dict[str, float]:
         smoothed = bleu([hypothesis], [reference], smooth=True)
         return {"bleu4": smoothed, "exact_match": exact_match([hypothesis], [reference])}
     return corpus_scores(task, [reference], [hypothesis])
-
-
-def text_in_place_of_audio(conversation: list[dict], transcript: str) -> list[dict]:
-    """The conversation with every audio part replaced by a text part holding `transcript`."""
-    out = []
-    for message in conversation:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [{"type": "text", "text": transcript} if p.get("type") == "audio" else p for p in content]
-        out.append({**message, "content": content})
-    return out
 
 
 def _text_prompts(prompts: list[Prompt], manifest: str) -> list[Prompt]:

@@ -3,6 +3,9 @@
 A bad example found only while batching (audio that decodes in the up-front check's header read
 but not in full, say) is named by its manifest line; with `skip_bad` it is dropped and recorded,
 otherwise the run stops with that name instead of a bare traceback.
+
+With `teacher`, records that carry a `transcript` also get their conversation with the transcript in
+the clip's place, tokenised under `batch["teacher"]`, for text-teacher distillation (`teacher_kl`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from eardrum.adapters.model import AudioLLM
-from eardrum.adapters.processor import AudioProcessor
+from eardrum.adapters.processor import AudioProcessor, text_in_place_of_audio
 
 from .data import DataError, DataProblem, Record, build_conversation
 
@@ -27,6 +30,7 @@ class Collator:
         *,
         featurize: bool = True,
         skip_bad: bool = False,
+        teacher: bool = False,
     ) -> None:
         self.processor = processor
         self.records = records
@@ -34,6 +38,7 @@ class Collator:
         self.seed = seed
         self.featurize = featurize
         self.skip_bad = skip_bad
+        self.teacher = teacher
 
     def conversation(self, index: int) -> list[dict]:
         return build_conversation(self.records[index], self.prompts, self.seed)
@@ -53,6 +58,13 @@ class Collator:
         batch = self.processor(convs, featurize=self.featurize)
         batch["example_ids"] = list(indices)
         batch["bad"] = bad
+        if self.teacher:
+            rows = [k for k, i in enumerate(indices) if "transcript" in self.records[i].fields]
+            if rows:
+                texts = [
+                    text_in_place_of_audio(convs[k], self.records[indices[k]].fields["transcript"]) for k in rows
+                ]
+                batch["teacher"] = {**self.processor(texts, featurize=False), "rows": torch.tensor(rows)}
         return batch
 
     def _one_is_good(self, index: int, bad: list[DataProblem]) -> bool:

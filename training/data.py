@@ -8,7 +8,9 @@ dataset. A record has one of three shapes:
 - question answering, ``{"audio": ..., "question": "...", "answer": "..."}``: task "qa";
 - conversation, ``{"messages": [...]}`` in the processor's format: task "chat".
 
-Without a stated task the fields decide, and a record holding fields of two shapes is refused as
+A record with one clip may also carry a ``transcript`` (what the clip says): text-teacher
+distillation (`eardrum.training.distill`) asks the LLM the same conversation with the transcript in
+the clip's place. Without a stated task the fields decide, and a record holding fields of two shapes is refused as
 ambiguous; with a stated task (on the record or its source) fields of other shapes are ignored.
 Relative audio paths resolve against the manifest's folder (a local dataset's folder; for a hub
 dataset, the working directory). `load_records` checks everything before training starts, cheaply
@@ -48,7 +50,9 @@ SHAPES = {  # the fields each task's records need
     "qa": ("audio", "question", "answer"),
     "chat": ("messages",),
 }
-FIELDS = ("audio", "text", "question", "answer", "messages", "task")  # what `DataSource.columns` may map
+KIND_FIELDS = ("audio", "text", "question", "answer", "messages")  # the fields that tell the kind of record
+# what `DataSource.columns` may map; `transcript` (what a single clip says) is optional, for text-teacher distillation
+FIELDS = (*KIND_FIELDS, "transcript", "task")
 MAX_LISTED = 50  # problems spelled out in a DataError's message; all of them stay in `.problems`
 _KINDS = "audio + text (asr, caption), audio + question + answer (qa) or messages (chat)"
 
@@ -360,7 +364,7 @@ def _task(got: dict, forced: str | None) -> str:
         raise _Invalid(f"field 'task': {stated!r}, but the source forces task {forced!r}")
     if forced or stated:
         return forced or stated
-    present = [n for n in FIELDS[:-1] if n in got]
+    present = [n for n in KIND_FIELDS if n in got]
     task = "chat" if "messages" in got else "qa" if {"question", "answer"} & set(got) else "asr"
     if not present or present == ["audio"]:
         raise _Invalid(f"cannot tell the kind of record from its fields {present}; expected {_KINDS}")
@@ -434,9 +438,23 @@ class _Checker:
                 fields[name] = self._field(name, raw.get(name), task, base, clips)
             except _Invalid as err:
                 errors.append(str(err))
+        if raw.get("transcript") is not None:
+            try:
+                fields["transcript"] = self._transcript(raw["transcript"], clips)
+            except _Invalid as err:
+                errors.append(str(err))
         if errors:
             raise _Invalid("; ".join(errors))
         return Record(where, source.label, task, fields, sum(clips), tuple(clips))
+
+    @staticmethod
+    def _transcript(value: Any, clips: list[int]) -> str:
+        """An optional transcript stands for the record's one clip (text-teacher distillation reads it)."""
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid(f"field 'transcript': expected non-empty text, got {_kind(value)}")
+        if len(clips) != 1:
+            raise _Invalid(f"field 'transcript': the record has {len(clips)} clips; a transcript stands for one")
+        return value
 
     def _field(self, name: str, value: Any, task: str, base: str, clips: list[int]) -> Any:
         if value is None:

@@ -9,18 +9,25 @@ own knowledge and style, because the adapter only learns to make audio look like
 Input lines: `{"audio": ..., "transcript": "what is the capital of france?", ...}`. Output lines are
 conversations: `{"messages": [user: [audio (+ the line's `question` as text, if any)], assistant: answer],
 "transcript": ..., "source_line": N}`, with audio paths made absolute.
+
+Training on those lines can go further than the answer's tokens: with `distill.kl_weight` in a recipe,
+`teacher_kl` also matches the audio model's whole next-token distribution, position by position, to
+the base LLM's distribution on the same conversation with the transcript in the audio's place (the
+text teacher). Every answer token then carries the teacher's full belief, not one sampled word.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from eardrum.adapters.model import AudioLLM
-from eardrum.adapters.processor import AudioProcessor
+from eardrum.adapters.processor import AudioProcessor, text_in_place_of_audio
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +60,7 @@ def _read_items(manifest: Path) -> list[tuple[int, dict]]:
 
 def text_prompt(item: dict) -> list[dict]:
     """The text-only conversation whose answer becomes the target: the transcript in the audio's place."""
-    question = str(item.get("question", "")).strip()
-    content = item["transcript"] if not question else f"{item['transcript']}\n{question}"
-    return [{"role": "user", "content": content}]
+    return text_in_place_of_audio(audio_prompt(item), item["transcript"])
 
 
 def audio_prompt(item: dict) -> list[dict]:
@@ -117,3 +122,49 @@ def distill_manifest(
     model.train(was_training)
     logger.info("distilled %s -> %s: %d written, %d kept, %d empty answers", manifest, out, written, len(done), empty)
     return {"items": len(items), "written": written, "kept": len(done), "empty": empty}
+
+
+def _base_llm(llm: torch.nn.Module):
+    """The LLM without its LoRA adapters (peft's `disable_adapter`), or as it is when it has none."""
+    return llm.disable_adapter() if hasattr(llm, "peft_config") else contextlib.nullcontext()
+
+
+def teacher_kl(
+    model: AudioLLM,
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher: dict,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KL(text teacher || audio student) over the labelled tokens of the rows that have a teacher.
+
+    Args:
+        model: the audio model; its LLM, adapters switched off, is the teacher (no gradient).
+        student_logits: (B, T, V) from the audio conversations; student_labels: (B, T), -100 = unlabelled.
+        teacher: `input_ids`, `attention_mask`, `labels` (R, T_text) of the text conversations and `rows`
+            (R,): which of the B rows each belongs to (see `Collator`).
+        temperature: both distributions are softened by it; the loss is scaled by its square.
+
+    Returns:
+        The mean KL per labelled token (a scalar). Row r's labelled tokens in the student and in its
+        teacher are the same answer tokens in the same order; a differing count is a ValueError.
+    """
+    rows = teacher["rows"].to(student_logits.device)
+    with torch.no_grad(), _base_llm(model.llm):
+        logits = model.llm(
+            input_ids=teacher["input_ids"].to(model.device), attention_mask=teacher["attention_mask"].to(model.device)
+        ).logits
+    # Logits at position t predict token t + 1: shift both sides, then keep the labelled predictions.
+    want = student_labels[rows, 1:] != -100  # (R, T - 1)
+    have = teacher["labels"][:, 1:].to(want.device) != -100  # (R, T_text - 1)
+    if not torch.equal(want.sum(1), have.sum(1)):
+        raise ValueError(
+            f"text teacher: labelled tokens per row differ (audio {want.sum(1).tolist()}, text {have.sum(1).tolist()});"
+            " the answer must render to the same tokens with the transcript in the audio's place"
+        )
+    student = student_logits[rows, :-1][want].float() / temperature  # (N, V)
+    target = logits[:, :-1][have].float() / temperature  # (N, V)
+    if student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+    return kl * temperature**2

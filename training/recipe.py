@@ -88,6 +88,15 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class DistillSettings:
+    """Text-teacher distillation (see eardrum.training.distill.teacher_kl), for records with a `transcript`."""
+
+    kl_weight: float = 0.0  # > 0: add KL(base LLM on the transcript as text || model on the audio) per answer token
+    ce_weight: float = 1.0  # the usual next-token loss, on every example
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: AudioLLMConfig
     output_dir: str
@@ -96,6 +105,7 @@ class Recipe:
     cache: CacheSettings = field(default_factory=CacheSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -109,6 +119,7 @@ SECTIONS = {
     "cache": CacheSettings,
     "optim": OptimSettings,
     "train": TrainSettings,
+    "distill": DistillSettings,
 }
 
 
@@ -231,6 +242,14 @@ def _check(recipe: Recipe) -> list[str]:
     for name in ("epochs", "log_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             out.append(f"train.{name}: expected >= 1, got {getattr(t, name)}")
+    k = recipe.distill
+    for name in ("kl_weight", "ce_weight"):
+        if not getattr(k, name) >= 0:
+            out.append(f"distill.{name}: expected a number >= 0, got {getattr(k, name)}")
+    if k.kl_weight == 0 and k.ce_weight == 0:
+        out.append("distill: kl_weight and ce_weight are both 0; nothing would be learnt")
+    if not k.temperature > 0:
+        out.append(f"distill.temperature: expected a positive number, got {k.temperature}")
     if recipe.cache.dtype not in ("float32", "float16", "bfloat16"):
         out.append(f"cache.dtype: expected float32, float16 or bfloat16, got {recipe.cache.dtype!r}")
     return out

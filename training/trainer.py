@@ -22,9 +22,10 @@ from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_c
 from .batching import plan_batches, shard_batches
 from .collate import Collator, model_inputs
 from .data import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
+from .distill import teacher_kl
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
-from .recipe import Recipe, save_recipe
+from .recipe import DistillSettings, Recipe, save_recipe
 from .setup import MetricsLog, build_optimizer, make_cache, sequence_lengths, set_schedule_length, trim_jsonl
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,15 @@ def train(recipe: Recipe) -> dict:
         logger.info(parameter_report(model))
     cache = make_cache(recipe, model) if recipe.cache.enabled else None
     prompts = d.prompts or DEFAULT_PROMPTS
-    collate = Collator(processor, train_records, prompts, t.seed, featurize=cache is None, skip_bad=d.skip_bad)
+    collate = Collator(
+        processor,
+        train_records,
+        prompts,
+        t.seed,
+        featurize=cache is None,
+        skip_bad=d.skip_bad,
+        teacher=recipe.distill.kl_weight > 0,
+    )
     lengths = sequence_lengths(train_records, processor)
     weights = {s.label: s.weight for s in train_sources}
     optimizer, scheduler_fn = build_optimizer(model, recipe)
@@ -226,10 +235,11 @@ def _step(
             audio_seconds += sum(len(w) for w in batch["audio_windows"]) / 16000
         elif "audio_lengths" in batch:
             audio_seconds += float(batch["audio_lengths"].sum()) / 100  # mel frames are 10 ms
+        teacher = batch.pop("teacher", None)
         batch = model_inputs(batch, core, collate.processor, cache, device=acc.device)
         sync = k == len(group) - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else _null():
-            loss = model(**batch).loss
+            loss = _loss(model(**batch), batch["labels"], teacher, core, recipe.distill)
             bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
             if bad.item() > 0:
                 wheres = [collate.records[i].where for i in ids]
@@ -248,6 +258,14 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
     mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=acc.device)
     return acc.reduce(mean, "mean").item(), examples, audio_seconds
+
+
+def _loss(output, labels: torch.Tensor, teacher: dict | None, core, settings: DistillSettings) -> torch.Tensor:
+    """ce_weight x the next-token loss, plus kl_weight x the text teacher's KL where the batch has one."""
+    loss = output.loss * settings.ce_weight
+    if teacher is not None and settings.kl_weight > 0:
+        loss = loss + settings.kl_weight * teacher_kl(core, output.logits, labels, teacher, settings.temperature)
+    return loss
 
 
 def _log_examples(out: Path, acc, progress: Progress, group: list[list[int]], records) -> None:

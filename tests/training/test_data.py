@@ -303,7 +303,8 @@ def test_source_settings_are_checked_and_name_the_field():
         "path / dataset: expected exactly one, got path='a', dataset='b'",
         "weight: expected a positive number, got 0",
         "task: expected one of asr, caption, qa, chat or null, got 'x'",
-        "columns: expected keys among audio, text, question, answer, messages, task with column names as values, "
+        "columns: expected keys among audio, text, question, answer, messages, transcript, task with column names "
+        "as values, "
         "got {'sound': 'a'}",
     ]
     with pytest.raises(DataError, match=r"unknown keys \['wieght'\]; known keys are \['path', 'dataset'"):

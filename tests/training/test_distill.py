@@ -37,7 +37,7 @@ def test_targets_are_the_llms_own_text_answers(built, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert stats["items"] == 5 and stats["written"] + stats["empty"] == 5 and len(rows) == stats["written"]
     for row in rows:
-        item = {"transcript": row["transcript"]}
+        item = {"transcript": row["transcript"], "audio": row["messages"][0]["content"][0]["audio"]}
         assert row["messages"][-1]["content"] == answer_as_text(model, processor, [text_prompt(item)], 5)[0]
         assert row["messages"][0]["content"][0]["type"] == "audio"
     records, problems = load_records([DataSource(path=str(tmp_path / "out.jsonl"))])
