@@ -144,12 +144,22 @@ class AudioLLM(nn.Module):
         audio_lengths: torch.Tensor | None = None,
         audio_frames: torch.Tensor | None = None,
         frame_lengths: torch.Tensor | None = None,
+        fast: bool = False,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Generate from merged embeddings; returns only the new token ids (B, T_new).
 
         Batched prompts must be left-padded (the processor does so with add_generation_prompt).
+        With `fast=True` the LLM decodes with a static KV cache (`cache_implementation="static"`),
+        whose fixed shapes let transformers compile the decoding step (torch.compile with CUDA
+        graphs) on CUDA: the first call of each batch size and length compiles (tens of seconds),
+        later ones run far fewer kernel launches per token. Elsewhere the static cache runs
+        uncompiled. The tokens are the same as without it, up to floating-point rounding.
         """
+        if fast:
+            chosen = generate_kwargs.setdefault("cache_implementation", "static")
+            if chosen != "static":
+                raise ValueError(f"fast=True decodes with cache_implementation='static', got {chosen!r}")
         embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)

@@ -55,6 +55,7 @@ class GenerationSettings:
     top_p: float = 1.0  # sample only among the most likely tokens whose probabilities add up to top_p
     repetition_penalty: float = 1.0  # > 1 makes tokens already generated less likely; 1 = off
     seed: int | None = None  # seeds sampling: the same prompt and seed give the same answer
+    fast: bool = False  # static KV cache; on CUDA the decoding step is compiled (the first answer of a shape compiles)
 
     def problems(self) -> list[str]:
         """Every problem with these settings (empty when valid)."""
@@ -69,6 +70,8 @@ class GenerationSettings:
             out.append(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             out.append(f"seed: expected a non-negative integer or None, got {self.seed!r}")
+        if not isinstance(self.fast, bool):
+            out.append(f"fast: expected True or False, got {self.fast!r}")
         return out
 
     def validate(self) -> None:
@@ -92,6 +95,8 @@ class GenerationSettings:
             "eos_token_id": stop_token_ids(tokenizer, generation_config),
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         }
+        if self.fast:
+            kwargs["fast"] = True  # AudioLLM.generate: static KV cache, compiled decoding on CUDA
         if self.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList([_Sampler(self.temperature, self.top_p, self.seed)])
         return kwargs
