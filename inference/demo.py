@@ -21,9 +21,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def _flow(items: list[dict]) -> str:
-    """A YAML flow list for a `data.train=...` override."""
-    return "[" + ", ".join("{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in it.items()) + "}" for it in items) + "]"
+def _paths(*manifests: Path) -> list[str]:
+    """Overrides setting the recipe's training sources' paths, in the recipe's order."""
+    return [f"data.train.{k}.path={m}" for k, m in enumerate(manifests)]
 
 
 def _train(name: str, overrides: list[str], say) -> Path:
@@ -137,18 +137,17 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
               f"cache.dir={default_cache_dir() / 'features'}"]
     steps = ["train.max_steps=40"] if quick else []
-    stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", "data.train=" + _flow([
-        {"path": str(data["asr_train"])}, {"path": str(data["caption_train"]), "task": "caption"}])], say)
+    # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
+    stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(data["asr_train"],
+                                                                                        data["caption_train"])], say)
     model, processor = load_pretrained(stage1)
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
     distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32)
     del model
     final = _train("demo_stage2", [*common, *steps, f"output_dir={out / 'stage2'}", f"train.init_from={stage1}",
-                                   "data.train=" + _flow([
-                                       {"path": str(distilled)},
-                                       {"path": str(data["caption_train"]), "task": "caption", "weight": 0.5},
-                                       {"path": str(data["asr_train"]), "weight": 0.3}])], say)
+                                   *_paths(distilled, data["caption_train"], data["asr_train"], data["chat_train"])],
+                   say)
     say("evaluating on held-out data")
     loaded = load_pretrained(final)
     asr = evaluate_manifest(loaded, data["asr_test"], "asr", out_dir=out / "eval" / "asr", progress=False)

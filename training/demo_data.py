@@ -68,7 +68,7 @@ class DemoSizes:
     asr_test: int = 150
     qa_train: int = 800  # spoken questions and commands
     qa_test: int = 120
-    sound_train: int = 500  # procedural sounds; the animal clips come on top
+    sound_train: int = 800  # procedural sounds; the animal clips come on top
     sound_test: int = 100
     animal_variants: int = 8  # clips per animal sound; one of them is held out
     chat_train: int = 80  # conversations, made of training clips
