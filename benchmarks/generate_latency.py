@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from peer_timing import FirstTokenClock  # benchmarks/peer_timing.py
 from shapes import write_demo_bases  # benchmarks/shapes.py: the demo models' shapes, defined once
-from transformers.generation.streamers import BaseStreamer
 
 from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
@@ -42,22 +42,6 @@ from eardrum.adapters.tiny import save_tiny_bases
 
 QUESTION = "What is said in this recording?"
 SIZES = ("tiny", "demo")
-
-
-class FirstTokenClock(BaseStreamer):
-    """Notes when `generate` hands over its first new token (its first `put` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.puts = 0
-        self.first: float | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 def conversation(wave: np.ndarray) -> list[dict]:
