@@ -9,6 +9,7 @@ already expanded to the exact audio-token count, and one row of features per enc
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -123,9 +124,18 @@ class AudioLLM(nn.Module):
         labels: torch.Tensor | None = None,
         audio_frames: torch.Tensor | None = None,
         frame_lengths: torch.Tensor | None = None,
+        labelled_logits_only: bool = False,
         **llm_kwargs,
     ):
-        """Run the LLM on merged embeddings; with labels (B, T_text) it returns the loss too."""
+        """Run the LLM on merged embeddings; with labels (B, T_text) it returns the loss too.
+
+        With `labelled_logits_only` (and labels), the LM head runs only at the positions that
+        predict a labelled token in some row: `logits` is (B, K, V) for those K positions, listed in
+        `output["logit_positions"]` (K,), instead of (B, T_text, V). The loss is the same mean
+        next-token cross-entropy over the labelled tokens; prompts and audio no longer pay for
+        vocabulary-sized logits (most of a step's memory for a large vocabulary). LLMs whose forward
+        lacks transformers' `logits_to_keep` get the full logits and `logit_positions` = all.
+        """
         if labels is not None and bool((labels == self.placeholder_id).any()):
             raise ValueError("labels contain the audio placeholder id; audio positions must be -100")
         embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
@@ -133,7 +143,26 @@ class AudioLLM(nn.Module):
             attention_mask = attention_mask.to(embeds.device)
         if labels is not None:
             labels = labels.to(embeds.device)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        if labels is None or not labelled_logits_only:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        if not takes_logits_to_keep(self.llm):
+            output = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+            output["logit_positions"] = torch.arange(labels.shape[1], device=labels.device)
+            return output
+        # Logits at position t predict token t + 1: keep every t whose next token is labelled in some row.
+        positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K,)
+        output = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **llm_kwargs)
+        logits = output.logits  # (B, K, V)
+        targets = labels[:, positions + 1]  # (B, K)
+        if positions.numel() == 0:
+            loss = logits.sum() * 0.0
+        else:
+            loss = nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
+        output["loss"] = loss
+        output["logit_positions"] = positions
+        return output
 
     @torch.no_grad()
     def generate(
@@ -190,3 +219,9 @@ class AudioLLM(nn.Module):
             out[f"{name}_trainable"] = sum(p.numel() for p in params if p.requires_grad)
             out[f"{name}_total"] = sum(p.numel() for p in params)
         return out
+
+
+def takes_logits_to_keep(llm: nn.Module) -> bool:
+    """Whether the causal LM under any peft wrapper accepts transformers' `logits_to_keep` argument."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "logits_to_keep" in inspect.signature(base.forward).parameters

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eardrum.adapters.model import AudioLLM
+from eardrum.adapters.model import AudioLLM, takes_logits_to_keep
 from eardrum.adapters.processor import AudioProcessor, text_in_place_of_audio
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def teacher_kl(
     student_labels: torch.Tensor,
     teacher: dict,
     temperature: float = 1.0,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(text teacher || audio student) over the labelled tokens of the rows that have a teacher.
 
@@ -144,26 +145,41 @@ def teacher_kl(
         teacher: `input_ids`, `attention_mask`, `labels` (R, T_text) of the text conversations and `rows`
             (R,): which of the B rows each belongs to (see `Collator`).
         temperature: both distributions are softened by it; the loss is scaled by its square.
+        positions: (K,) when the student's logits were kept only there (`labelled_logits_only`):
+            student_logits is then (B, K, V), its k-th column the prediction at position positions[k].
 
     Returns:
         The mean KL per labelled token (a scalar). Row r's labelled tokens in the student and in its
         teacher are the same answer tokens in the same order; a differing count is a ValueError.
     """
     rows = teacher["rows"].to(student_logits.device)
+    # Logits at position t predict token t + 1: on both sides keep the labelled predictions, in order.
+    text_labels = teacher["labels"].to(model.device)
+    kept = (text_labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K_text,)
+    extra = {"logits_to_keep": kept} if takes_logits_to_keep(model.llm) else {}
     with torch.no_grad(), _base_llm(model.llm):
         logits = model.llm(
-            input_ids=teacher["input_ids"].to(model.device), attention_mask=teacher["attention_mask"].to(model.device)
-        ).logits
-    # Logits at position t predict token t + 1: shift both sides, then keep the labelled predictions.
-    want = student_labels[rows, 1:] != -100  # (R, T - 1)
-    have = teacher["labels"][:, 1:].to(want.device) != -100  # (R, T_text - 1)
+            input_ids=teacher["input_ids"].to(model.device),
+            attention_mask=teacher["attention_mask"].to(model.device),
+            **extra,
+        ).logits  # (R, K_text, V), or (R, T_text, V) without logits_to_keep
+    if not extra:
+        kept = torch.arange(logits.shape[1], device=logits.device)
+    logits = logits[:, kept < text_labels.shape[1] - 1]
+    kept = kept[kept < text_labels.shape[1] - 1]
+    if positions is None:
+        positions = torch.arange(student_logits.shape[1], device=student_logits.device)
+    student_logits = student_logits[:, positions < student_labels.shape[1] - 1]  # the last position predicts
+    positions = positions[positions < student_labels.shape[1] - 1]  # nothing: there is no next token
+    want = student_labels[rows][:, positions + 1] != -100  # (R, K)
+    have = text_labels[:, kept + 1].to(want.device) != -100  # (R, K_text)
     if not torch.equal(want.sum(1), have.sum(1)):
         raise ValueError(
             f"text teacher: labelled tokens per row differ (audio {want.sum(1).tolist()}, text {have.sum(1).tolist()});"
             " the answer must render to the same tokens with the transcript in the audio's place"
         )
-    student = student_logits[rows, :-1][want].float() / temperature  # (N, V)
-    target = logits[:, :-1][have].float() / temperature  # (N, V)
+    student = student_logits[rows][want].float() / temperature  # (N, V)
+    target = logits[have].float() / temperature  # (N, V)
     if student.shape[0] == 0:
         return student_logits.sum() * 0.0
     kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")

@@ -239,7 +239,7 @@ def _step(
         batch = model_inputs(batch, core, collate.processor, cache, device=acc.device)
         sync = k == len(group) - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else _null():
-            loss = _loss(model(**batch), batch["labels"], teacher, core, recipe.distill)
+            loss = _loss(model(**batch, labelled_logits_only=True), batch["labels"], teacher, core, recipe.distill)
             bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
             if bad.item() > 0:
                 wheres = [collate.records[i].where for i in ids]
@@ -264,7 +264,8 @@ def _loss(output, labels: torch.Tensor, teacher: dict | None, core, settings: Di
     """ce_weight x the next-token loss, plus kl_weight x the text teacher's KL where the batch has one."""
     loss = output.loss * settings.ce_weight
     if teacher is not None and settings.kl_weight > 0:
-        loss = loss + settings.kl_weight * teacher_kl(core, output.logits, labels, teacher, settings.temperature)
+        kl = teacher_kl(core, output.logits, labels, teacher, settings.temperature, output.get("logit_positions"))
+        loss = loss + settings.kl_weight * kl
     return loss
 
 

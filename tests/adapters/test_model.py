@@ -99,6 +99,52 @@ def test_loss_is_cross_entropy_on_labelled_tokens_only(tiny):
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("llm", ["llama", "qwen2_lora"])
+def test_labelled_logits_only_gives_the_same_loss_and_gradients(llm):
+    from peft import LoraConfig, get_peft_model
+
+    model, proc = assemble(tiny_qwen2(vocab_size=len(build_tokenizer("chatml")))) if llm != "llama" else assemble()
+    if llm == "qwen2_lora":
+        model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    batch = proc([conv(0.5), conv(1.7, answer="one two three four", seed=3), conv(0.9, answer="ok", seed=4)])
+    results = []
+    for only in (False, True):
+        model.zero_grad()
+        out = model(**batch, labelled_logits_only=only)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (kept, kept_grads) = results
+    torch.testing.assert_close(kept.loss, full.loss, atol=1e-6, rtol=1e-6)
+    assert full_grads.keys() == kept_grads.keys() and any(n.startswith("projector.") for n in kept_grads)
+    for name in full_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], atol=1e-6, rtol=1e-5)
+    positions = kept["logit_positions"]
+    labelled = (batch["labels"][:, 1:] != -100).any(0)
+    assert positions.tolist() == labelled.nonzero().squeeze(1).tolist() and len(positions) < labelled.numel()
+    assert kept.logits.shape[:2] == (3, len(positions))
+    torch.testing.assert_close(kept.logits, full.logits[:, positions], atol=1e-5, rtol=0)
+
+
+def test_labelled_logits_only_falls_back_to_all_logits_without_logits_to_keep(tiny, monkeypatch):
+    import eardrum.adapters.model as model_module
+
+    model, proc = tiny
+    batch = proc([conv(0.5), conv(0.9, answer="one two three", seed=3)])
+    monkeypatch.setattr(model_module, "takes_logits_to_keep", lambda llm: False)
+    with torch.no_grad():
+        out, plain = model(**batch, labelled_logits_only=True), model(**batch)
+    assert out["logit_positions"].tolist() == list(range(batch["labels"].shape[1]))
+    torch.testing.assert_close(out.logits, plain.logits) and torch.testing.assert_close(out.loss, plain.loss)
+
+
+def test_labelled_logits_only_with_nothing_labelled_is_a_zero_loss(tiny):
+    model, proc = tiny
+    batch = proc([conv(0.5)])
+    out = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}, labelled_logits_only=True)
+    assert out.loss.item() == 0.0 and out.logits.shape[1] == 0
+
+
 def test_batched_left_padded_generation_equals_one_by_one(tiny):
     model, proc = tiny
     convs = [conv(0.5)[:1], conv(1.5, question="tell me more about this recording", seed=4)[:1]]

@@ -60,6 +60,18 @@ def test_only_the_rows_with_a_teacher_count(built):
     assert teacher_kl(model, noisy, batch["labels"], teacher).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_student_logits_kept_at_labelled_positions_give_the_same_kl(built):
+    model, processor = built
+    batch = text_batch(processor, ["three beeps", "one long beep and a tone"])
+    torch.manual_seed(2)
+    logits = logits_of(model, batch) + 0.5 * torch.randn(1)
+    teacher = {**batch, "rows": torch.tensor([0, 1])}
+    full = teacher_kl(model, logits, batch["labels"], teacher)
+    positions = (batch["labels"][:, 1:] != -100).any(0).nonzero().squeeze(1)
+    kept = teacher_kl(model, logits[:, positions], batch["labels"], teacher, positions=positions)
+    torch.testing.assert_close(kept, full, atol=1e-6, rtol=1e-6)
+
+
 def test_the_teacher_is_the_llm_without_its_lora(tmp_path):
     torch.manual_seed(0)
     model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
