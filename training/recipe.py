@@ -21,7 +21,7 @@ import yaml
 from eardrum.adapters.config import AudioLLMConfig, ConfigError
 
 SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 QUANTIZATIONS = (None, "4bit", "8bit")
 
 
@@ -72,7 +72,7 @@ class TrainSettings:
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU) | auto: bf16 where it is fast, else no
     quantization: str | None = None  # null | 4bit | 8bit: load the LLM quantized (QLoRA)
     gradient_checkpointing: bool = False
     log_every: int = 10

@@ -26,7 +26,15 @@ from .distill import teacher_kl
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
 from .recipe import DistillSettings, Recipe, save_recipe
-from .setup import MetricsLog, build_optimizer, make_cache, sequence_lengths, set_schedule_length, trim_jsonl
+from .setup import (
+    MetricsLog,
+    build_optimizer,
+    make_cache,
+    resolve_precision,
+    sequence_lengths,
+    set_schedule_length,
+    trim_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +54,16 @@ class Progress:
 
 def _accelerator(recipe: Recipe):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    return Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=not torch.cuda.is_available())
+    precision = resolve_precision(recipe.train.mixed_precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # accelerate keeps one precision per process; a later run in the same process (a notebook,
+        # the demo's stages) may ask for another. Processes and devices stay; only that state goes.
+        AcceleratorState._reset_state()
+    logger.info("mixed precision: %s", precision)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 def _build_model(recipe: Recipe):
@@ -239,7 +255,8 @@ def _step(
         batch = model_inputs(batch, core, collate.processor, cache, device=acc.device)
         sync = k == len(group) - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else _null():
-            loss = _loss(model(**batch, labelled_logits_only=True), batch["labels"], teacher, core, recipe.distill)
+            with acc.autocast():  # the text teacher's forward too, under the run's mixed precision
+                loss = _loss(model(**batch, labelled_logits_only=True), batch["labels"], teacher, core, recipe.distill)
             bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
             if bad.item() > 0:
                 wheres = [collate.records[i].where for i in ids]

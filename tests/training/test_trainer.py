@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,32 @@ def test_non_finite_loss_stops_naming_step_and_batch(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4, epoch 0, batch of \['"):
         train(tiny(tmp_path, "train.save_every=2", "data.eval=[]"))
     assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir()
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,want", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")])
+def test_auto_precision_is_bf16_only_on_cpus_with_fast_bfloat16(monkeypatch, amx, avx512_bf16, want):
+    from eardrum.training.setup import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert resolve_precision("auto") == want
+    assert resolve_precision("no") == "no" and resolve_precision("fp16") == "fp16"
+
+
+def test_bf16_mixed_precision_trains_on_cpu_and_saves_float32_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    first_losses = []
+    for precision in ("'no'", "bf16"):
+        run = tmp_path / precision.strip("'")
+        result = train(tiny(run, "train.max_steps=3", "train.save_every=null", f"train.mixed_precision={precision}"))
+        assert result["steps"] == 3 and math.isfinite(result["eval"]["loss"])
+        first_losses.append(json.loads((run / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    full, mixed = first_losses
+    assert 0 < abs(full - mixed) < 0.05 * full  # the same step, rounded to bfloat16: close, not equal
+    weights = load_file(tmp_path / "bf16" / "run" / "final" / "projector.safetensors")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
 
 
 @pytest.mark.parametrize("overrides", [["train.quantization=4bit"], ["train.quantization=8bit"],
