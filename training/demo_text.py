@@ -293,7 +293,9 @@ def _commands() -> list[Question]:
     out = []
     for room in ROOMS:
         for thing, on, form in ((t, o, f) for t in SWITCHED for o in ("on", "off") for f in _SWITCH_FORMS):
-            answers = (f"turn {on} the {room} {thing}", f"switch {on} the {room} {thing}", f"{room} {thing} {on}")
+            places = (f"{room} {thing}", f"{thing} in the {room}")  # both word orders are right
+            answers = (*(f"{verb} {on} the {place}" for verb in ("turn", "switch") for place in places),
+                       f"{room} {thing} {on}")
             out.append(_q(form.format(on=on, room=room, thing=thing), "command", *answers))
         for thing, act, form in ((t, a, f) for t in ("window", "door") for a in ("open", "close") for f in _OPEN_FORMS):
             text = form.format(act=act, Act=act.title(), room=room, thing=thing)
