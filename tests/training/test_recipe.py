@@ -78,3 +78,17 @@ def test_shipped_recipes_are_found_by_name_and_unknown_names_listed():
     assert load_recipe("tiny").output_dir == "runs/tiny"
     with pytest.raises(ConfigError, match=r"not a shipped recipe \(.*tiny"):
         load_recipe("no-such-recipe")
+
+
+@pytest.mark.parametrize("path", sorted(TINY.parent.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path.stem)
+    assert recipe.data.train and recipe.output_dir
+
+
+def test_the_demo_recipes_train_in_auto_precision_with_their_data_mixes():
+    stage1, stage2 = load_recipe("demo"), load_recipe("demo_stage2")
+    assert stage1.train.mixed_precision == stage2.train.mixed_precision == "auto"
+    assert not stage1.lora.enabled and stage2.lora.enabled and stage2.distill.kl_weight > 0
+    assert [s.get("task") for s in stage1.data.train] == [None, "caption"]
+    assert len(stage2.data.train) == 4
