@@ -73,6 +73,11 @@ class AudioProcessor:
         self.featurizer = featurizer
         self.config = config
         self.placeholder_id = ensure_placeholder_token(tokenizer, config.placeholder)
+        # Text that spells a special token would be read as that token (a forged turn or end of text);
+        # the placeholder has its own check after tokenizing, which names the count it expected.
+        added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        special = {*added, *tokenizer.all_special_tokens} - {config.placeholder, ""}
+        self._special_tokens = sorted(special, key=len, reverse=True)
         self.window = window_samples(config, featurizer.spec)
         self.overlap = int(round(config.window_overlap_seconds * SAMPLING_RATE))
 
@@ -145,6 +150,7 @@ class AudioProcessor:
     def _content(self, message: dict, where: str, windows: list[np.ndarray]) -> tuple[str, int]:
         content = message.get("content")
         if isinstance(content, str):
+            self._check_text(content, where)
             return content, 0
         if not isinstance(content, list):
             raise ConversationError(
@@ -154,6 +160,7 @@ class AudioProcessor:
         for k, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                self._check_text(part["text"], f"{where}, part {k}")
                 texts.append(part["text"])
             elif kind == "audio":
                 wave = load_audio(
@@ -170,6 +177,14 @@ class AudioProcessor:
                     f"{{'type': 'audio', 'audio': ...}}, got {part!r:.120}"
                 )
         return "\n".join(texts), count
+
+    def _check_text(self, text: str, where: str) -> None:
+        found = next((token for token in self._special_tokens if token in text), None)
+        if found is not None:
+            raise ConversationError(
+                f"{where}: the text contains the tokenizer's special token {found!r}, which would be read as "
+                "that token (a new turn, the end of the text); remove it from the text"
+            )
 
     def _template(self, messages: list[dict], generation: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)

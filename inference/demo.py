@@ -85,7 +85,7 @@ def caption_scores(model_and_processor, manifest: Path, out_dir: Path) -> dict:
     out = out_dir / "captions.jsonl"
     if out.exists():
         out.unlink()
-    generate_manifest(model_and_processor, manifest, out, task="caption", progress=False)
+    generate_manifest(model_and_processor, manifest, out, task="caption", batch_size=32, progress=False)
     lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
     outputs = {r["line"]: r.get("output", "") for r in map(json.loads, out.read_text().splitlines())}
     procedural, animals = [], []
@@ -143,16 +143,20 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     model, processor = load_pretrained(stage1)
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
-    distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32)
+    distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32, batch_size=64)
     del model
     final = _train("demo_stage2", [*common, *steps, f"output_dir={out / 'stage2'}", f"train.init_from={stage1}",
                                    *_paths(distilled, data["caption_train"], data["asr_train"], data["chat_train"])],
                    say)
     say("evaluating on held-out data")
     loaded = load_pretrained(final)
-    asr = evaluate_manifest(loaded, data["asr_test"], "asr", out_dir=out / "eval" / "asr", progress=False)
+    asr = evaluate_manifest(
+        loaded, data["asr_test"], "asr", batch_size=32, out_dir=out / "eval" / "asr", progress=False
+    )
     reference = whisper_reference_wer(str(assets.whisper), data["asr_test"])
-    qa = evaluate_manifest(loaded, data["qa_test"], "qa", parity=True, out_dir=out / "eval" / "qa", progress=False)
+    qa = evaluate_manifest(
+        loaded, data["qa_test"], "qa", parity=True, batch_size=32, out_dir=out / "eval" / "qa", progress=False
+    )
     results = {
         "asr": {"wer": _eardrum_wer(out / "eval" / "asr"), "whisper_wer": reference["wer"],
                 "wer_plain_normaliser": asr["metrics"].get("wer")},

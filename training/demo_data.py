@@ -238,9 +238,9 @@ def _event_wave(event: dict, rng: np.random.Generator) -> np.ndarray:
         f0, f1 = (low, high) if event["direction"] == "rising" else (high, low)
         return _sweep(f0, f1, rng.uniform(0.4, 0.8), amplitude)
     if kind == "beeps":
-        # Beeps start at least 0.33 s apart, two audio tokens at the demo's 6.25 tokens/s, so that every
-        # beep has a token of its own and a mostly silent one after it; closer beeps are counted less well.
-        f, on, off = rng.uniform(*band), rng.uniform(0.08, 0.12), rng.uniform(0.25, 0.35)
+        # The gaps inside a group stay shorter than those between events (0.25-0.5 s), or a group of
+        # beeps could not be told from two groups of the same pitch (measured: wider gaps counted worse).
+        f, on, off = rng.uniform(*band), rng.uniform(0.08, 0.14), rng.uniform(0.1, 0.18)
         beep, gap = _sweep(f, f, on, amplitude), np.zeros(int(off * RATE), np.float32)
         return np.concatenate([part for _ in range(event["count"]) for part in (gap, beep)][1:])
     if kind == "noise":
