@@ -22,3 +22,26 @@ def test_benchmark_writes_json(tmp_path, script, args, key):
     subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], check=True, capture_output=True,
                    timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert key in json.loads(out.read_text())
+
+
+def test_precision_step_benchmark_reports_every_variant(tmp_path):
+    import torch
+
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+
+    torch.manual_seed(0)
+    model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
+    model.save_pretrained(tmp_path / "model", processor)
+    out = tmp_path / "out.json"
+    manifest = BENCH.parent / "tests" / "assets" / "tiny_data" / "qa.jsonl"
+    subprocess.run(
+        [sys.executable, str(BENCH / "precision_step.py"), str(tmp_path / "model"), str(manifest), "--lora",
+         "--repeats", "1", "--threads", "1", "--batch", "2", "--out", str(out)],
+        check=True, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    result = json.loads(out.read_text())
+    variants = {"fp32_full_logits", "fp32_labelled_logits", "bf16_labelled_logits"}
+    assert set(result["seconds_per_step_median"]) == variants
+    loss = result["loss"]
+    assert abs(loss["fp32_labelled_logits"] - loss["fp32_full_logits"]) < 1e-4 * loss["fp32_full_logits"]

@@ -55,7 +55,7 @@ __all__ = [
     "score_caption_events",
 ]
 
-GENERATOR_VERSION = 2  # bump whenever a change would alter generated texts or audio
+GENERATOR_VERSION = 3  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
 MANIFESTS = tuple("asr_train asr_test qa_train qa_test caption_train caption_test chat_train".split())
 
