@@ -315,10 +315,21 @@ def _say(progress: bool, line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 
 
+def _generator_fingerprint() -> str:
+    """A hash of the generator's own code (this module and the texts'): an edit there never reuses a stale build."""
+    from . import demo_text
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, demo_text.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _content_key(seed: int, sizes: DemoSizes, synth: Synthesiser, animals: Mapping[str, Path]) -> str:
     train, test = synth.voices()
     payload = {
         "version": GENERATOR_VERSION,
+        "generator": _generator_fingerprint(),
         "seed": seed,
         "sizes": asdict(sizes),
         "synthesiser": synth.key,

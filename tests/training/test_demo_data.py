@@ -224,6 +224,18 @@ def test_a_second_build_does_no_work(tmp_path, animals):
     assert [p.name for p in tmp_path.iterdir()] == [first["asr_train"].parent.name]
 
 
+def test_an_edit_to_the_generator_code_builds_afresh(tmp_path, animals, monkeypatch):
+    import eardrum.training.demo_text as demo_text
+
+    synth = ToneSynthesiser()
+    first = build_demo_data(tmp_path, animals, sizes=SMALL, synthesiser=synth, progress=False)
+    edited = tmp_path / "demo_text_edited.py"
+    edited.write_text(Path(demo_text.__file__).read_text() + "\n# an edit\n")
+    monkeypatch.setattr(demo_text, "__file__", str(edited))
+    second = build_demo_data(tmp_path, animals, sizes=SMALL, synthesiser=synth, progress=False)
+    assert second["asr_train"].parent != first["asr_train"].parent
+
+
 def test_quick_build_has_a_few_hundred_items(tmp_path, animals):
     total = sum(v for k, v in asdict(QUICK_SIZES).items() if k != "animal_variants")
     assert 200 <= total <= 500
