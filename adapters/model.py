@@ -9,6 +9,7 @@ already expanded to the exact audio-token count, and one row of features per enc
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -150,7 +151,7 @@ class AudioLLM(nn.Module):
             output["logit_positions"] = torch.arange(labels.shape[1], device=labels.device)
             return output
         # Logits at position t predict token t + 1: keep every t whose next token is labelled in some row.
-        positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K,)
+        positions = labelled_positions(labels)  # (K,)
         output = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **llm_kwargs)
         logits = output.logits  # (B, K, V)
         targets = labels[:, positions + 1]  # (B, K)
@@ -221,7 +222,17 @@ class AudioLLM(nn.Module):
         return out
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T) -> (K,): the positions t whose logits predict a labelled token t + 1 in some row."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
 def takes_logits_to_keep(llm: nn.Module) -> bool:
     """Whether the causal LM under any peft wrapper accepts transformers' `logits_to_keep` argument."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eardrum.adapters.model import AudioLLM, takes_logits_to_keep
+from eardrum.adapters.model import AudioLLM, labelled_positions, takes_logits_to_keep
 from eardrum.adapters.processor import AudioProcessor, text_in_place_of_audio
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def teacher_kl(
     rows = teacher["rows"].to(student_logits.device)
     # Logits at position t predict token t + 1: on both sides keep the labelled predictions, in order.
     text_labels = teacher["labels"].to(model.device)
-    kept = (text_labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K_text,)
+    kept = labelled_positions(text_labels)  # (K_text,)
     extra = {"logits_to_keep": kept} if takes_logits_to_keep(model.llm) else {}
     with torch.no_grad(), _base_llm(model.llm):
         logits = model.llm(
