@@ -1,7 +1,7 @@
 """`eardrum generate` and `eardrum eval`: answer or score a whole manifest.
 
     eardrum generate --model DIR --manifest in.jsonl --out out.jsonl [--batch-size N] [--max-new-tokens N]
-    eardrum eval --model DIR --manifest test.jsonl --task asr|qa|caption [--out DIR] [--parity]
+    eardrum eval --model DIR --manifest test.jsonl --task asr|qa|caption [--out DIR] [--parity | --text-only]
 
 `add_batch_parsers(subparsers)` registers both on the `eardrum` parser; `main` runs them alone
 (`python -m eardrum.inference.cli_batch ...`). User mistakes end with one line on stderr and exit
@@ -72,6 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.task,
             out_dir=out,
             parity=args.parity,
+            text_only=args.text_only,
             batch_size=args.batch_size,
             settings=_settings(args),
             prompt=args.prompt,
@@ -114,5 +115,10 @@ def add_batch_parsers(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", help="folder for per_example.jsonl and summary.json (default: ./eval-MANIFEST_NAME)")
     ev.add_argument(
         "--parity", action="store_true", help="also ask with each line's 'transcript' in place of its audio"
+    )
+    ev.add_argument(
+        "--text-only",
+        action="store_true",
+        help="answer with each line's 'transcript' only: the LLM's own accuracy on the questions as text",
     )
     ev.set_defaults(run=_eval)

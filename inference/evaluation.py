@@ -154,6 +154,7 @@ def evaluate_manifest(
     *,
     out_dir: str | os.PathLike | None = None,
     parity: bool = False,
+    text_only: bool = False,
     batch_size: int = 8,
     settings: GenerationSettings | None = None,
     prompt: str | None = None,
@@ -170,6 +171,8 @@ def evaluate_manifest(
         task: "asr", "qa" or "caption"; every line is read as that task.
         out_dir: where to write the two files; None writes nothing.
         parity: also answer with the transcript in place of the audio and report the gap.
+        text_only: answer only with the transcript in place of the audio: the LLM's own accuracy on
+            the same lines (the projector is not used); the metrics are those of the text answers.
         batch_size, settings, prompt, device, dtype, progress: as for `generate_manifest`.
 
     Returns:
@@ -177,15 +180,19 @@ def evaluate_manifest(
         "seconds"}, plus "parity": {"audio", "text", "gap"} with `parity`.
 
     Raises:
-        ValueError: an unknown task, a manifest that cannot be read, no transcript with `parity`.
+        ValueError: an unknown task, a manifest that cannot be read, no transcript with `parity` or
+            `text_only`, both of them at once.
     """
     start = time.perf_counter()
     if task not in EVAL_TASKS:
         raise ValueError(f"task: expected one of {', '.join(EVAL_TASKS)}, got {task!r}")
+    if parity and text_only:
+        raise ValueError("parity and text_only: expected at most one (parity already answers with the text too)")
     settings = settings or GenerationSettings()
     check_run_settings(settings, batch_size)
     prompts, errors = read_manifest(manifest, task=task, prompt=prompt, require_reference=True)
-    runs = {"audio": prompts, **({"text": _text_prompts(prompts, os.fspath(manifest))} if parity else {})}
+    text = _text_prompts(prompts, os.fspath(manifest)) if parity or text_only else []
+    runs = {"text": text} if text_only else {"audio": prompts, **({"text": text} if parity else {})}
     answers = {}
     if prompts:
         loaded, processor = resolve_model(model, device, dtype)
@@ -199,7 +206,8 @@ def evaluate_manifest(
         "lines": len(prompts) + len(errors),
         "scored": sum(1 for r in rows if "error" not in r),
         "errors": sum(1 for r in rows if "error" in r),
-        "metrics": metrics.get("audio", {}),
+        "mode": "text" if text_only else "audio",
+        "metrics": metrics.get("text" if text_only else "audio", {}),
         "settings": {**asdict(settings), "batch_size": batch_size},
     }
     if parity:
@@ -230,13 +238,13 @@ def write_results(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -
 
 
 def format_table(summary: dict) -> str:
-    """A short table of the metrics (audio, and text and gap with parity)."""
+    """A short table of the metrics (audio, or text with `text_only`; audio, text and gap with parity)."""
     head = (
         f"eval {summary['task']} on {summary['manifest']}: {summary['lines']} lines, "
         f"{summary['scored']} scored, {summary['errors']} errors"
     )
     parity = summary.get("parity")
-    columns = ("audio", "text", "gap (text - audio)") if parity else ("score",)
+    columns = ("audio", "text", "gap (text - audio)") if parity else (f"score ({summary.get('mode', 'audio')})",)
     lines = [head, f"{'metric':<16}" + "".join(f"{c:>20}" for c in columns)]
     for name in METRICS[summary["task"]]:
         values = [parity[k].get(name) for k in ("audio", "text", "gap")] if parity else [summary["metrics"].get(name)]

@@ -134,6 +134,26 @@ def test_parity_reports_both_accuracies_and_the_gap(built, answers, tmp_path):
     assert table[2].split() == ["exact_match", "0.2500", "0.7500", "+0.5000"]
 
 
+def test_text_only_scores_the_transcripts_alone(built, answers, tmp_path):
+    _, pair, data = built
+    rows = [
+        {"audio": f"clips/sound{k}_v0.wav", "question": "which number?", "answer": w, "transcript": f"say {w}"}
+        for k, w in enumerate(["one", "two"])
+    ]
+    answers.update({"sound0_v0.wav": "one", "sound1_v0.wav": "two"})  # the audio would score 2/2
+    answers.update({"say one": "one", "say two": "no idea"})
+    summary = evaluate_manifest(
+        pair, write_manifest(data / "text.jsonl", rows), "qa", out_dir=tmp_path, text_only=True, progress=False
+    )
+    assert summary["mode"] == "text" and "parity" not in summary
+    assert summary["metrics"] == {"exact_match": 1 / 2, "contains_answer": 1 / 2}
+    first = per_example(tmp_path)[0]
+    assert first["hypothesis_text"] == "one" and "hypothesis" not in first
+    assert format_table(summary).splitlines()[1].split() == ["metric", "score", "(text)"]
+    with pytest.raises(ValueError, match="parity and text_only: expected at most one"):
+        evaluate_manifest(pair, data / "text.jsonl", "qa", parity=True, text_only=True, progress=False)
+
+
 def test_parity_without_a_transcript_names_the_line(built, tmp_path):
     _, pair, data = built
     rows = [{"audio": "clips/sound0_v0.wav", "question": "q", "answer": "a", "transcript": "t"}] * 2
