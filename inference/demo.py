@@ -133,53 +133,78 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     from eardrum.training.distill import distill_manifest
 
     start = time.perf_counter()
+    parts: dict[str, float] = {}  # seconds per part of the run, in order
+    lap = _stopwatch(parts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     assets = fetch_assets(assets_dir=assets_dir, whisper=whisper, progress=say)
+    lap("assets")
     data = build_demo_data(default_cache_dir() / "demo-data", assets, seed=seed, quick=quick)
+    lap("data")
     common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
               f"cache.dir={default_cache_dir() / 'features'}"]
     steps = ["train.max_steps=40"] if quick else []
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
     stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(data["asr_train"],
                                                                                         data["caption_train"])], say)
+    lap("stage1")
     model, processor = load_pretrained(stage1)
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
     distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32, batch_size=64)
+    lap("distillation")
     # Stage 1 leaves the LLM as shipped, so its answers to the transcripts are the shipped LLM's own
     # accuracy: the reference for the spoken questions that no LoRA has moved.
     shipped = evaluate_manifest((model, processor), data["qa_test"], "qa", text_only=True, batch_size=32,
                                 out_dir=out / "eval" / "qa_text_shipped_llm", progress=False)
+    lap("eval_qa_text_shipped_llm")
     del model
     final = _train("demo_stage2", [*common, *steps, f"output_dir={out / 'stage2'}", f"train.init_from={stage1}",
                                    *_paths(distilled, data["caption_train"], data["asr_train"], data["chat_train"])],
                    say)
+    lap("stage2")
     say("evaluating on held-out data")
     loaded = load_pretrained(final)
     asr = evaluate_manifest(
         loaded, data["asr_test"], "asr", batch_size=32, out_dir=out / "eval" / "asr", progress=False
     )
+    lap("eval_asr")
     reference = whisper_reference_wer(str(assets.whisper), data["asr_test"])
+    lap("eval_whisper_reference")
     qa = evaluate_manifest(
         loaded, data["qa_test"], "qa", parity=True, batch_size=32, out_dir=out / "eval" / "qa", progress=False
     )
+    lap("eval_qa_parity")
+    captions = caption_scores(loaded, data["caption_test"], out / "eval")
+    lap("eval_captions")
     results = {
         "asr": {"wer": _eardrum_wer(out / "eval" / "asr"), "whisper_wer": reference["wer"],
                 "wer_plain_normaliser": asr["metrics"].get("wer")},
         "qa": {**{k: qa["parity"][k]["contains_answer"] for k in ("audio", "text", "gap")},
                "text_shipped_llm": shipped["metrics"]["contains_answer"]},
-        "captions": caption_scores(loaded, data["caption_test"], out / "eval"),
-        "quick": quick, "whisper": whisper, "seconds": None,
+        "captions": captions,
+        "quick": quick, "whisper": whisper, "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
     }
-    results["seconds"] = round(time.perf_counter() - start, 1)
     table = format_results(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(f"`eardrum demo{' --quick' if quick else ''}`\n\n{table}\n")
     say(table)
     say(f"total time {results['seconds'] / 60:.1f} min; model in {final}")
+    say("minutes by part: " + ", ".join(f"{name} {sec / 60:.1f}" for name, sec in parts.items()))
     _answer_a_few(final, data["qa_test"], say)
     return results
+
+
+def _stopwatch(parts: dict[str, float]):
+    """`lap(name)` stores in `parts[name]` the seconds since the previous lap (or since this call)."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        parts[name] = round(now - last[0], 1)
+        last[0] = now
+
+    return lap
 
 
 def _eardrum_wer(eval_dir: Path) -> float:

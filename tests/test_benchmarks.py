@@ -45,3 +45,26 @@ def test_precision_step_benchmark_reports_every_variant(tmp_path):
     assert set(result["seconds_per_step_median"]) == variants
     loss = result["loss"]
     assert abs(loss["fp32_labelled_logits"] - loss["fp32_full_logits"]) < 1e-4 * loss["fp32_full_logits"]
+
+
+def test_count_probe_trains_a_probe_per_stack_and_reports_held_out_accuracy(tmp_path):
+    import torch
+
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+
+    torch.manual_seed(0)
+    model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
+    model.save_pretrained(tmp_path / "model", processor)
+    out = tmp_path / "probe.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "count_probe.py"), str(tmp_path / "model"), "--clips", "24", "--held-out", "8",
+         "--epochs", "2", "--stacks", "1,4", "--out", str(out)],
+        check=True, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    probes = json.loads(out.read_text())["probes"]
+    assert set(probes) == {"stack_1", "stack_4"}
+    for probe in probes.values():
+        assert len(probe["held_out_accuracy_by_epoch"]) == 2
+        # 8 held-out clips: every accuracy is a multiple of 1/8
+        assert all(abs(a * 8 - round(a * 8)) < 1e-6 for a in probe["held_out_accuracy_by_epoch"])

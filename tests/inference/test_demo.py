@@ -42,5 +42,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results) >= {"asr", "qa", "captions", "seconds"} and results["quick"] is True
+    assert 0 <= results["qa"]["text_shipped_llm"] <= 1
+    parts = results["seconds_by_part"]
+    assert list(parts)[:3] == ["assets", "data", "stage1"] and "eval_captions" in parts
+    assert sum(parts.values()) <= results["seconds"] + 1
     assert (tmp_path / "demo" / "stage2" / "final" / "eardrum_config.json").is_file()
     assert "| WER, held-out speech" in result.stdout and "answer:" in result.stdout
