@@ -1,9 +1,10 @@
 """One training step in float32 against bfloat16 autocast, and with full logits against labelled ones only.
 
 Loads a saved model (for the demo's numbers: a stage-1 checkpoint of `eardrum demo`, real SmolLM2-135M),
-optionally adds LoRA, collates one batch from a manifest and times forward + backward in turn for
-each variant, in one process (warm-up dropped, median of the rest). The loss of each variant is
-reported too: labelled-only logits give the float32 loss exactly; bf16 rounds it.
+optionally adds LoRA, freezes what the trainer freezes, collates one batch from a manifest and times
+forward + backward in turn for each variant, in one process (warm-up dropped, median of the rest).
+The loss of each variant is reported too: labelled-only logits give the float32 loss exactly; bf16
+rounds it.
 
     python benchmarks/precision_step.py runs/demo/stage1/final DEMO_DATA/asr_train.jsonl --lora --out precision.json
 """
@@ -21,7 +22,7 @@ import torch
 from eardrum.adapters.checkpoint import load_pretrained
 from eardrum.training.collate import Collator
 from eardrum.training.data import DEFAULT_PROMPTS, DataSource, load_records
-from eardrum.training.lora import apply_llm_lora
+from eardrum.training.lora import apply_llm_lora, freeze_for_training
 from eardrum.training.recipe import LoraSettings
 from eardrum.training.setup import resolve_precision
 
@@ -44,11 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load_pretrained(args.model)
-    for p in model.projector.parameters():
-        p.requires_grad_(True)
     if args.lora:
         apply_llm_lora(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.0), quantized=False,
                        gradient_checkpointing=False)
+    freeze_for_training(model)  # as the trainer: the projector trains, the LLM only through LoRA
     records, problems = load_records([DataSource(path=args.manifest)])
     if problems:
         raise SystemExit(f"{args.manifest}: {problems[:3]}")
