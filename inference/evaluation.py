@@ -176,8 +176,9 @@ def evaluate_manifest(
         batch_size, settings, prompt, device, dtype, progress: as for `generate_manifest`.
 
     Returns:
-        The summary: {"task", "manifest", "model", "lines", "scored", "errors", "metrics", "settings",
-        "seconds"}, plus "parity": {"audio", "text", "gap"} with `parity`.
+        The summary: {"task", "manifest", "model", "lines", "scored", "errors", "mode" ("audio", or
+        "text" with `text_only`: what "metrics" scores), "metrics", "settings", "seconds"}, plus
+        "parity": {"audio", "text", "gap"} with `parity`.
 
     Raises:
         ValueError: an unknown task, a manifest that cannot be read, no transcript with `parity` or
