@@ -29,7 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from eardrum.adapters.processor import AudioProcessor
 
-from .chat import stop_token_ids  # the same end-of-turn tokens as `eardrum chat`
+from .chat import draw_tokens, seeded_generator, stop_token_ids  # the same stops and sampling as `eardrum chat`
 from .openai_schema import APIError, SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -162,27 +162,10 @@ class _RowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.generators:  # made here: a generator must live on the device of the scores
-            for _, o in self.rows:
-                generator = torch.Generator(device=scores.device)
-                if o.seed is None:
-                    generator.seed()
-                else:
-                    generator.manual_seed(o.seed)
-                self.generators.append(generator)
+            self.generators = [seeded_generator(scores.device, o.seed) for _, o in self.rows]
         scores = scores.clone()  # (B, V)
         for (b, o), generator in zip(self.rows, self.generators):
-            probs = torch.softmax(scores[b].float() / o.temperature, dim=-1)  # (V,)
-            if o.top_p < 1:
-                ranked, order = probs.sort(descending=True)
-                # a token is dropped once the likelier ones reach top_p; the likeliest always stays
-                ranked = ranked.masked_fill(ranked.cumsum(0) - ranked >= o.top_p, 0.0)
-                probs = torch.zeros_like(probs).scatter(0, order, ranked)
-            if not (torch.isfinite(probs).all() and probs.sum() > 0):
-                # a temperature so small that the scaled scores overflow: greedy, its limit
-                token = scores[b].argmax().reshape(1)
-            else:
-                token = torch.multinomial(probs, 1, generator=generator)  # (1,)
-            scores[b] = torch.full_like(scores[b], float("-inf")).scatter(0, token, 0.0)
+            scores[b : b + 1] = draw_tokens(scores[b : b + 1], o.temperature, o.top_p, generator)  # (1, V)
         return scores
 
 

@@ -133,6 +133,36 @@ def _end_of_turn_id(tokenizer) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A random generator on `device`, seeded with `seed`, or from the system's entropy when None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def draw_tokens(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Next-token scores (B, V) -> scores (B, V) where only the drawn token of each row stays possible (0, others -inf).
+
+    Each row is drawn from softmax(scores / temperature), keeping only the likeliest tokens whose
+    probabilities reach `top_p` (the likeliest always stays). A row whose scaled scores overflow
+    (a temperature near zero) takes its argmax, the limit of sampling as the temperature falls.
+    """
+    probs = torch.softmax(scores.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the more likely ones already reach top_p; the most likely always stays
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)  # (B,)
+    token = scores.argmax(dim=-1, keepdim=True)  # (B, 1)
+    if usable.any():
+        token[usable] = torch.multinomial(probs[usable], 1, generator=generator)
+    return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
+
+
 class _Sampler(LogitsProcessor):
     """Draws the next token with temperature and top-p, then masks every other token."""
 
@@ -142,19 +172,8 @@ class _Sampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.generator is None:  # created here: it must live on the device the scores are on
-            self.generator = torch.Generator(device=scores.device)
-            if self.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(self.seed)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
-        if self.top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # drop a token when the more likely ones already reach top_p; the most likely always stays
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        token = torch.multinomial(probs, 1, generator=self.generator)  # (B, 1)
-        return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
+            self.generator = seeded_generator(scores.device, self.seed)
+        return draw_tokens(scores, self.temperature, self.top_p, self.generator)
 
 
 class _PieceStreamer(BaseStreamer):

@@ -30,6 +30,7 @@ HIGH = synth_sound(1760.0, 1, seconds=0.7)
 
 @pytest.fixture(scope="module")
 def loaded(model_dirs, tmp_path_factory) -> AudioChat:
+    torch.manual_seed(0)  # the projector is drawn at random: one draw, so every run asks the same model
     model, processor = build_audio_llm(AudioLLMConfig(encoder=model_dirs["whisper"], llm=model_dirs["llama"]))
     directory = model.save_pretrained(tmp_path_factory.mktemp("chat") / "checkpoint", processor)
     return AudioChat.from_pretrained(directory, device="cpu", settings=SETTINGS)
@@ -255,3 +256,24 @@ def test_device_and_dtype_are_checked(loaded):
         AudioChat.from_pretrained(loaded.name, device="cpu", dtype="float64")
     assert loaded.model.device.type == "cpu"
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+
+
+def test_draw_tokens_keeps_one_token_per_row_within_top_p_and_falls_back_to_argmax_on_overflow():
+    from eardrum.inference.chat import draw_tokens, seeded_generator
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 2.9, -5.0]])
+    # top_p 0.6: row 0 keeps only its likeliest token (p = 0.64), row 1 its two likeliest (0.51, 0.46)
+    seen = set()
+    generator = seeded_generator(torch.device("cpu"), 0)
+    for _ in range(200):
+        out = draw_tokens(scores, 1.0, 0.6, generator)
+        assert out.shape == scores.shape and ((out == 0).sum(dim=-1) == 1).all()
+        assert torch.isinf(out).sum() == 2 * 3
+        seen.add(tuple(out.argmax(dim=-1).tolist()))
+    assert {row0 for row0, _ in seen} == {0} and {row1 for _, row1 in seen} == {1, 2}
+    # a temperature so small that the scaled scores overflow: the argmax, not an error
+    assert draw_tokens(scores, 1e-45, 1.0, generator).argmax(dim=-1).tolist() == [0, 1]
+    # the same seed draws the same tokens
+    first = [draw_tokens(scores, 1.0, 1.0, g) for g in (seeded_generator(torch.device("cpu"), 7),) for _ in range(5)]
+    again = [draw_tokens(scores, 1.0, 1.0, g) for g in (seeded_generator(torch.device("cpu"), 7),) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
