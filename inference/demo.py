@@ -125,10 +125,10 @@ def format_results(results: dict) -> str:
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
              whisper: str = "tiny.en", seed: int = 0, say=print) -> dict:
     """Run the whole demo; returns the results (also written to `out_dir/results.json`)."""
-    from eardrum.adapters.checkpoint import load_pretrained
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.inference.assets import fetch_assets
     from eardrum.inference.evaluation import evaluate_manifest
+    from eardrum.inference.generate import resolve_model
     from eardrum.training.demo_data import build_demo_data
     from eardrum.training.distill import distill_manifest
 
@@ -148,7 +148,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(data["asr_train"],
                                                                                         data["caption_train"])], say)
     lap("stage1")
-    model, processor = load_pretrained(stage1)
+    model, processor = resolve_model(str(stage1))  # placed as `eardrum chat` places it: the GPU when there is one
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
     distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32, batch_size=64)
@@ -164,7 +164,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
                    say)
     lap("stage2")
     say("evaluating on held-out data")
-    loaded = load_pretrained(final)
+    loaded = resolve_model(str(final))
     asr = evaluate_manifest(
         loaded, data["asr_test"], "asr", batch_size=32, out_dir=out / "eval" / "asr", progress=False
     )
@@ -191,7 +191,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say(table)
     say(f"total time {results['seconds'] / 60:.1f} min; model in {final}")
     say("minutes by part: " + ", ".join(f"{name} {sec / 60:.1f}" for name, sec in parts.items()))
-    _answer_a_few(final, data["qa_test"], say)
+    _answer_a_few(loaded, final, data["qa_test"], say)
     return results
 
 
@@ -213,10 +213,11 @@ def _eardrum_wer(eval_dir: Path) -> float:
     return demo_wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
 
 
-def _answer_a_few(model_dir: Path, manifest: Path, say, count: int = 3) -> None:
+def _answer_a_few(loaded: tuple, model_dir: Path, manifest: Path, say, count: int = 3) -> None:
+    """Asks the loaded (model, processor) pair, saved in `model_dir`, the first `count` spoken questions."""
     from eardrum.inference.chat import AudioChat
 
-    chat = AudioChat.from_pretrained(model_dir)
+    chat = AudioChat(*loaded, name=str(model_dir))
     lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()][:count]
     for line in lines:
         chat.reset()
