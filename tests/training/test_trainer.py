@@ -132,14 +132,16 @@ def test_auto_precision_is_bf16_only_on_cpus_with_fast_bfloat16(monkeypatch, amx
 def test_bf16_mixed_precision_trains_on_cpu_and_saves_float32_weights(tmp_path):
     from safetensors.torch import load_file
 
-    first_losses = []
+    last_losses = []
     for precision in ("'no'", "bf16"):
         run = tmp_path / precision.strip("'")
         result = train(tiny(run, "train.max_steps=3", "train.save_every=null", f"train.mixed_precision={precision}"))
         assert result["steps"] == 3 and math.isfinite(result["eval"]["loss"])
-        first_losses.append(json.loads((run / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
-    full, mixed = first_losses
-    assert 0 < abs(full - mixed) < 0.05 * full  # the same step, rounded to bfloat16: close, not equal
+        last_losses.append(losses(run / "run")[-1])
+    full, mixed = last_losses
+    # The same three steps, rounded to bfloat16: close, not equal. (The first step alone can agree to every
+    # printed digit: from LoRA's zero init the logits are near uniform, and some CPUs round them alike.)
+    assert 0 < abs(full - mixed) < 0.05 * full
     weights = load_file(tmp_path / "bf16" / "run" / "final" / "projector.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
 
