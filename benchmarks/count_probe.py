@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from eardrum.adapters.checkpoint import load_pretrained
-from eardrum.training.demo_data import render_events
+from eardrum.demo.data import render_events
 
 NEIGHBOURS = ({"type": "tone", "pitch": "low"}, {"type": "chirp", "direction": "rising"}, {"type": "noise"})
 

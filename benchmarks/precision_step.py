@@ -20,8 +20,8 @@ import time
 import torch
 
 from eardrum.adapters.checkpoint import load_pretrained
+from eardrum.common.records import DEFAULT_PROMPTS, DataSource, load_records
 from eardrum.training.collate import Collator
-from eardrum.training.data import DEFAULT_PROMPTS, DataSource, load_records
 from eardrum.training.lora import apply_llm_lora, freeze_for_training
 from eardrum.training.recipe import LoraSettings
 from eardrum.training.setup import resolve_precision

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a manifest: WER/CER for asr, accuracy for qa, BLEU-4/CIDEr-D for captions.
 
 Every line is answered greedily (with `eardrum.inference.generate`'s batching) and scored against its
-own reply with `eardrum.training.metrics`, whose normaliser is documented there (casing,
+own reply with `eardrum.common.metrics`, whose normaliser is documented there (casing,
 punctuation and formatting do not count; numbers are not spelled out). Corpus scores pool over the
 lines that were answered; lines that could not be (bad audio, no reference) are listed with their
 error and left out of the scores.
@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from eardrum.adapters.processor import text_in_place_of_audio
-from eardrum.training.metrics import (
+from eardrum.common.metrics import (
     bleu,
     character_error_rate,
     cider,

@@ -1,6 +1,6 @@
 """Batch generation over a manifest: one answer per line, written as it goes, resumable.
 
-A manifest holds lines of any of the three training shapes (see `eardrum.training.data`): audio +
+A manifest holds lines of any of the three training shapes (see `eardrum.common.records`): audio +
 text (asr, caption), audio + question + answer (qa), or messages (chat). The prompt of a line is
 its conversation without the last assistant turn; a line that has no answer at all (no ``text``,
 no ``answer``, a conversation ending on a user turn) is simply a prompt to answer. asr and caption
@@ -27,9 +27,15 @@ import torch
 
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
-from eardrum.training import data as training_data
-from eardrum.training.batching import plan_batches
-from eardrum.training.data import DEFAULT_PROMPTS, DataSource, Record, build_conversation
+from eardrum.common.batching import plan_batches
+from eardrum.common.records import (
+    DEFAULT_PROMPTS,
+    DataSource,
+    InvalidRecord,
+    Record,
+    RecordChecker,
+    build_conversation,
+)
 
 from .chat import GenerationSettings  # one set of decoding settings for chat, ask and generate
 
@@ -132,7 +138,7 @@ def read_manifest(
     if not os.path.isfile(path):
         raise ValueError(f"manifest {path}: {'not a file' if os.path.exists(path) else 'no such file'}")
     base = os.path.dirname(os.path.abspath(path))
-    checker = training_data._Checker(max_audio_seconds, "all_assistant")
+    checker = RecordChecker(max_audio_seconds, "all_assistant")
     prompts_by_task, prompts, errors = default_prompts(prompt), [], []
     with open(path, "rb") as f:
         for number, raw_line in enumerate(f, 1):
@@ -145,7 +151,7 @@ def read_manifest(
                 if require_reference and not has_reply:
                     raise _BadLine("no reference answer (text, answer or a last assistant turn) to score against")
                 record = checker.record(filled, where, base, source)
-            except (_BadLine, training_data._Invalid) as err:  # the training checks' per-line problem
+            except (_BadLine, InvalidRecord) as err:  # the training checks' per-line problem
                 errors.append(LineError(number, where, str(err), raw if isinstance(raw, dict) else {}))
                 continue
             prompts.append(_prompt(number, record, prompts_by_task, has_reply, raw))
@@ -231,7 +237,7 @@ def run_prompts(
     """Answer every prompt in batches of similar length; `on_result` gets each answer or error.
 
     Batches follow the manifest's order at the scale of `CHUNK_BATCHES` batches (see
-    `eardrum.training.batching`); inside that, similar lengths are batched together.
+    `eardrum.common.batching`); inside that, similar lengths are batched together.
     """
     from tqdm.auto import tqdm
 

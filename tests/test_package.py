@@ -43,4 +43,4 @@ def test_wheel_holds_the_eardrum_namespace(tmp_path):
     assert "eardrum/configs/tiny.yaml" in names and "eardrum/configs/accelerate/ddp.yaml" in names
     assert not [n for n in names if n.startswith(("adapters/", "training/", "inference/", "tests/"))]
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "eardrum = eardrum.inference.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "eardrum = eardrum.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()

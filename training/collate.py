@@ -14,8 +14,7 @@ import torch
 
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor, text_in_place_of_audio
-
-from .data import DataError, DataProblem, Record, build_conversation
+from eardrum.common.records import DataError, DataProblem, Record, build_conversation
 
 
 class Collator:

@@ -6,10 +6,10 @@ import torch
 
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
+from eardrum.common.metrics import bleu, contains_answer, exact_match, word_error_rate
+from eardrum.common.records import Record
 
 from .collate import Collator, model_inputs
-from .data import Record
-from .metrics import bleu, contains_answer, exact_match, word_error_rate
 from .recipe import Recipe
 
 

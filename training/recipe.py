@@ -38,7 +38,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    train: list[dict] = field(default_factory=list)  # data sources (see eardrum.training.data.DataSource)
+    train: list[dict] = field(default_factory=list)  # data sources (see eardrum.common.records.DataSource)
     eval: list[dict] = field(default_factory=list)
     prompts: dict[str, list[str]] | None = None  # per task ("asr", "caption"): phrasings drawn per example
     batch_size: int | None = 8  # examples per batch, or null with max_tokens

@@ -13,8 +13,8 @@ import torch
 
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
+from eardrum.common.records import Record
 
-from .data import Record
 from .recipe import Recipe
 
 

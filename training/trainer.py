@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_checkpoint_meta
+from eardrum.common.batching import plan_batches, shard_batches
+from eardrum.common.records import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
 
-from .batching import plan_batches, shard_batches
 from .collate import Collator, model_inputs
-from .data import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
 from .distill import teacher_kl
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report

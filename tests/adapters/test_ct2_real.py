@@ -17,8 +17,8 @@ import torch
 from transformers import AutoTokenizer
 
 from eardrum.adapters.sources import convert_ct2_whisper, describe_source, load_speech_model
-from eardrum.inference.assets import AssetError, DemoAssets, fetch_assets, whisper_folder
-from eardrum.training.demo_data import piper_speak
+from eardrum.demo.assets import AssetError, DemoAssets, fetch_assets, whisper_folder
+from eardrum.demo.data import piper_speak
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
 from eardrum.adapters.tiny import save_tiny_bases, write_tiny_dataset
+from eardrum.cli.main import main
+from eardrum.common.metrics import cider
 from eardrum.inference import generate
-from eardrum.inference.cli import main
 from eardrum.inference.evaluation import evaluate_manifest, format_table
-from eardrum.training.metrics import cider
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -169,7 +169,7 @@ def test_unknown_task_is_refused(built):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "eardrum.inference.cli", *args]
+    command = [sys.executable, "-m", "eardrum.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
 
 

@@ -30,9 +30,9 @@ from openai import OpenAI
 
 from eardrum.adapters.checkpoint import load_pretrained
 from eardrum.adapters.tiny import TINY_SOUNDS, synth_sound
-from eardrum.inference.cli_serve import listen
+from eardrum.cli.serve import listen
+from eardrum.demo.smoke import QUESTION, run_smoke
 from eardrum.inference.server import ServerSettings, create_app
-from eardrum.training.smoke import QUESTION, run_smoke
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 HOST = "127.0.0.1"
@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 
 def _serve(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "eardrum.inference.cli", "serve", *args]
+    command = [sys.executable, "-m", "eardrum.cli", "serve", *args]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -88,7 +88,7 @@ def server(checkpoint, tmp_path_factory) -> Iterator[str]:
         f"--max-new-tokens {MAX_NEW_TOKENS} --max-audio-seconds {MAX_AUDIO_SECONDS} "
         f"--max-request-bytes {MAX_REQUEST_BYTES}"
     )
-    command = [sys.executable, "-m", "eardrum.inference.cli", "serve", "--model", str(checkpoint), *options.split()]
+    command = [sys.executable, "-m", "eardrum.cli", "serve", "--model", str(checkpoint), *options.split()]
     with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the server
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
     base = f"http://{HOST}:{port}"

@@ -10,7 +10,7 @@ import torch
 
 from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
-from eardrum.training.data import DataSource, load_records
+from eardrum.common.records import DataSource, load_records
 from eardrum.training.distill import DistillError, answer_as_text, distill_manifest, text_prompt
 
 DATA = Path(__file__).resolve().parents[2] / "tests" / "assets" / "tiny_data"

@@ -17,7 +17,7 @@ DATA = ROOT / "tests" / "assets" / "tiny_data"
 
 
 def command(tmp: Path, out: str, *extra: str) -> list[str]:
-    return ["-m", "eardrum.inference.cli", "train", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={tmp / out}",
+    return ["-m", "eardrum.cli", "train", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={tmp / out}",
             f"cache.dir={tmp / 'cache'}", f"data.train.0.path={DATA / 'caption.jsonl'}",
             f"data.train.1.path={DATA / 'qa.jsonl'}", "data.eval=[]", "train.epochs=3", "train.save_every=3",
             "train.keep_checkpoints=3", "train.log_examples=true", "lora.dropout=0.1",

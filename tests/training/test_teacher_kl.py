@@ -10,8 +10,8 @@ import torch
 
 from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig, ConfigError
+from eardrum.common.records import DEFAULT_PROMPTS, DataSource, load_records
 from eardrum.training.collate import Collator
-from eardrum.training.data import DEFAULT_PROMPTS, DataSource, load_records
 from eardrum.training.distill import teacher_kl
 from eardrum.training.lora import apply_llm_lora
 from eardrum.training.recipe import LoraSettings, load_recipe

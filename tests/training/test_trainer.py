@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eardrum.adapters.checkpoint import load_pretrained
-from eardrum.training.data import DataError
+from eardrum.common.records import DataError
 from eardrum.training.recipe import load_recipe
 from eardrum.training.trainer import TrainingError, train
 

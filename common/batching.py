@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .data import Record
+    from .records import Record
 
 CHUNK_BATCHES = 50  # batches' worth of examples sorted together; larger pads less but is less random
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from eardrum.training.batching import padding_waste, plan_batches, shard_batches
+from eardrum.common.batching import padding_waste, plan_batches, shard_batches
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from eardrum.adapters.audio import load_audio
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.encoders import AudioFeaturizer, FrameSpec
 from eardrum.adapters.processor import AudioProcessor
-from eardrum.training.data import (
+from eardrum.common.records import (
     DEFAULT_PROMPTS,
     DataError,
     DataProblem,

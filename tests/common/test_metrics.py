@@ -1,4 +1,4 @@
-"""Tests for eardrum.training.metrics: hand-computed values on small fixed examples."""
+"""Tests for eardrum.common.metrics: hand-computed values on small fixed examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eardrum.training.metrics import (
+from eardrum.common.metrics import (
     bleu,
     character_error_rate,
     cider,

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from eardrum.training.data import DataSource, load_records
-from eardrum.training.demo_data import (
+from eardrum.common.records import DataSource, load_records
+from eardrum.demo.data import (
     QUICK_SIZES,
     DemoSizes,
     SpeechSynthesiser,
@@ -31,7 +31,7 @@ from eardrum.training.demo_data import (
     render_events,
     score_caption_events,
 )
-from eardrum.training.demo_text import (
+from eardrum.demo.text import (
     QUESTION_FAMILIES,
     caption,
     number_word,
@@ -225,7 +225,7 @@ def test_a_second_build_does_no_work(tmp_path, animals):
 
 
 def test_an_edit_to_the_generator_code_builds_afresh(tmp_path, animals, monkeypatch):
-    import eardrum.training.demo_text as demo_text
+    import eardrum.demo.text as demo_text
 
     synth = ToneSynthesiser()
     first = build_demo_data(tmp_path, animals, sizes=SMALL, synthesiser=synth, progress=False)

@@ -156,7 +156,7 @@ class Record:
     clip_samples: tuple[int, ...] = ()  # the same per clip, in reading order: token counts are per clip
 
 
-class _Invalid(Exception):
+class InvalidRecord(Exception):
     """A record's problem; the message names the field."""
 
 
@@ -183,7 +183,7 @@ def load_records(
     if max_audio_seconds is not None and not (isinstance(max_audio_seconds, Real) and max_audio_seconds > 0):
         raise ValueError(f"max_audio_seconds: expected a positive number or None, got {max_audio_seconds!r}")
     opened = _open_all(sources)
-    checker = _Checker(max_audio_seconds, label_mode)
+    checker = RecordChecker(max_audio_seconds, label_mode)
     records: list[Record] = []
     problems: list[DataProblem] = []
     for source, rows in zip(sources, opened):
@@ -191,7 +191,7 @@ def load_records(
         for where, raw, base in rows:
             try:
                 records.append(checker.record(raw, where, base, source))
-            except _Invalid as err:
+            except InvalidRecord as err:
                 problems.append(DataProblem(where, str(err)))
         logger.info("%s: %d records, %d problems", source.label, len(records) - good, len(problems) - bad)
     return records, problems
@@ -243,7 +243,7 @@ def _kind(value: Any) -> str:
 
 
 # ------------------------------------------------------------------ reading sources
-Rows = Iterator[tuple[str, Any, str]]  # (where, raw record or _Invalid, folder that relative paths start from)
+Rows = Iterator[tuple[str, Any, str]]  # (where, raw record or InvalidRecord, folder that relative paths start from)
 
 
 def _open_all(sources: Sequence[DataSource]) -> list[Rows]:
@@ -284,9 +284,9 @@ def _manifest_rows(source: DataSource) -> Rows:
                 try:
                     raw = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raw = _Invalid(f"not valid JSON ({err.msg} at character {err.pos}); expected one JSON object")
+                    raw = InvalidRecord(f"not valid JSON ({err.msg} at character {err.pos}); expected one JSON object")
                 except UnicodeDecodeError:
-                    raw = _Invalid("not UTF-8 text; expected one JSON object per line, in UTF-8")
+                    raw = InvalidRecord("not UTF-8 text; expected one JSON object per line, in UTF-8")
                 yield where, _pick(raw, source.columns) if isinstance(raw, dict) else raw, base
 
     return rows()
@@ -359,17 +359,17 @@ def _pick(raw: dict, columns: dict[str, str]) -> dict:
 def _task(got: dict, forced: str | None) -> str:
     stated = got.get("task")
     if stated is not None and stated not in TASKS:
-        raise _Invalid(f"field 'task': unknown task {stated!r}; expected one of {', '.join(TASKS)}")
+        raise InvalidRecord(f"field 'task': unknown task {stated!r}; expected one of {', '.join(TASKS)}")
     if forced and stated and stated != forced:
-        raise _Invalid(f"field 'task': {stated!r}, but the source forces task {forced!r}")
+        raise InvalidRecord(f"field 'task': {stated!r}, but the source forces task {forced!r}")
     if forced or stated:
         return forced or stated
     present = [n for n in KIND_FIELDS if n in got]
     task = "chat" if "messages" in got else "qa" if {"question", "answer"} & set(got) else "asr"
     if not present or present == ["audio"]:
-        raise _Invalid(f"cannot tell the kind of record from its fields {present}; expected {_KINDS}")
+        raise InvalidRecord(f"cannot tell the kind of record from its fields {present}; expected {_KINDS}")
     if set(present) - set(SHAPES[task]):
-        raise _Invalid(
+        raise InvalidRecord(
             f"fields {present} mix kinds of record; expected {_KINDS}, or set 'task' to say which fields count"
         )
     return task
@@ -384,18 +384,18 @@ def _check_labels(messages: list[dict], mode: str, clips: list[int]) -> None:
     """Refuse a conversation whose labels would mask to nothing under `mode`."""
     if mode == "after_audio":
         if not clips:
-            raise _Invalid("field 'messages': label_mode 'after_audio' needs an audio part; found none")
+            raise InvalidRecord("field 'messages': label_mode 'after_audio' needs an audio part; found none")
         return
     replies = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
     if not replies:
-        raise _Invalid("field 'messages': no assistant message, so no token would carry loss")
+        raise InvalidRecord("field 'messages': no assistant message, so no token would carry loss")
     if mode == "last_assistant" and not _text(messages[replies[-1]]).strip():
-        raise _Invalid(
+        raise InvalidRecord(
             f"field 'messages': the last assistant message (message {replies[-1]}) is empty; "
             "with label_mode 'last_assistant' no token would carry loss"
         )
     if not any(_text(messages[j]).strip() for j in replies):
-        raise _Invalid("field 'messages': every assistant message is empty, so no token would carry loss")
+        raise InvalidRecord("field 'messages': every assistant message is empty, so no token would carry loss")
 
 
 def _sound_info(file: str | io.BytesIO, label: str) -> tuple[int, int] | str:
@@ -418,8 +418,9 @@ def _array_info(value: dict) -> tuple[int, int] | str:
     return shape[0], int(rate)
 
 
-class _Checker:
-    """Checks records; remembers each file's header, since manifests reuse files."""
+class RecordChecker:
+    """Checks raw records (manifest lines or dataset rows) and turns them into `Record`s; remembers each
+    audio file's header, since manifests reuse files. Training data and `eardrum generate`/`eval` share it."""
 
     def __init__(self, max_seconds: float | None, label_mode: str) -> None:
         self.max_seconds = max_seconds
@@ -427,56 +428,57 @@ class _Checker:
         self._info: dict[str, tuple[int, int] | str] = {}
 
     def record(self, raw: Any, where: str, base: str, source: DataSource) -> Record:
-        if isinstance(raw, _Invalid):
+        """The checked record, or `InvalidRecord` listing every problem of the line at `where`."""
+        if isinstance(raw, InvalidRecord):
             raise raw
         if not isinstance(raw, dict):
-            raise _Invalid(f"expected a JSON object, got {_kind(raw)}")
+            raise InvalidRecord(f"expected a JSON object, got {_kind(raw)}")
         task = _task(raw, source.task)
         errors, fields, clips = [], {}, []
         for name in SHAPES[task]:
             try:
                 fields[name] = self._field(name, raw.get(name), task, base, clips)
-            except _Invalid as err:
+            except InvalidRecord as err:
                 errors.append(str(err))
         if raw.get("transcript") is not None:
             try:
                 fields["transcript"] = self._transcript(raw["transcript"], clips)
-            except _Invalid as err:
+            except InvalidRecord as err:
                 errors.append(str(err))
         if errors:
-            raise _Invalid("; ".join(errors))
+            raise InvalidRecord("; ".join(errors))
         return Record(where, source.label, task, fields, sum(clips), tuple(clips))
 
     @staticmethod
     def _transcript(value: Any, clips: list[int]) -> str:
         """An optional transcript stands for the record's one clip (text-teacher distillation reads it)."""
         if not isinstance(value, str) or not value.strip():
-            raise _Invalid(f"field 'transcript': expected non-empty text, got {_kind(value)}")
+            raise InvalidRecord(f"field 'transcript': expected non-empty text, got {_kind(value)}")
         if len(clips) != 1:
-            raise _Invalid(f"field 'transcript': the record has {len(clips)} clips; a transcript stands for one")
+            raise InvalidRecord(f"field 'transcript': the record has {len(clips)} clips; a transcript stands for one")
         return value
 
     def _field(self, name: str, value: Any, task: str, base: str, clips: list[int]) -> Any:
         if value is None:
-            raise _Invalid(f"field '{name}' is missing; {task} records need {', '.join(SHAPES[task])}")
+            raise InvalidRecord(f"field '{name}' is missing; {task} records need {', '.join(SHAPES[task])}")
         if name == "audio":
             return self._audio(value, base, "field 'audio'", clips)
         if name == "messages":
             return self._messages(value, base, clips)
         if not isinstance(value, str) or not value.strip():
-            raise _Invalid(f"field '{name}': expected non-empty text, got {_kind(value)}")
+            raise InvalidRecord(f"field '{name}': expected non-empty text, got {_kind(value)}")
         return value
 
     def _messages(self, value: Any, base: str, clips: list[int]) -> list[dict]:
         if not isinstance(value, list) or not value:
-            raise _Invalid(f"field 'messages': expected a non-empty list of messages, got {_kind(value)}")
+            raise InvalidRecord(f"field 'messages': expected a non-empty list of messages, got {_kind(value)}")
         out = []
         for j, message in enumerate(value):
             at = f"field 'messages', message {j}"
             if not isinstance(message, dict):
-                raise _Invalid(f"{at}: expected a dict with 'role' and 'content', got {_kind(message)}")
+                raise InvalidRecord(f"{at}: expected a dict with 'role' and 'content', got {_kind(message)}")
             if message.get("role") not in ROLES:
-                raise _Invalid(f"{at}: role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+                raise InvalidRecord(f"{at}: role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
             out.append({**message, "content": self._content(message.get("content"), at, base, clips)})
         _check_labels(out, self.label_mode, clips)
         return out
@@ -485,7 +487,7 @@ class _Checker:
         if isinstance(content, str):
             return content
         if not isinstance(content, list):
-            raise _Invalid(f"{at}: content must be a string or a list of parts, got {_kind(content)}")
+            raise InvalidRecord(f"{at}: content must be a string or a list of parts, got {_kind(content)}")
         parts = []
         for k, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
@@ -495,7 +497,7 @@ class _Checker:
                 source = part.get("audio", part.get("path"))  # the keys the processor reads from a file part
                 parts.append({"type": "audio", "audio": self._audio(source, base, f"{at}, part {k}", clips)})
             else:
-                raise _Invalid(
+                raise InvalidRecord(
                     f"{at}, part {k}: expected {{'type': 'text', 'text': str}} or {{'type': 'audio', 'audio': ...}}"
                     f", got {part!r:.80}"
                 )
@@ -512,7 +514,7 @@ class _Checker:
                 return value
             value = value.get("path")
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-            raise _Invalid(
+            raise InvalidRecord(
                 f"{at}: expected a path or a dict with 'bytes', 'path' or 'array' + 'sampling_rate', got {_kind(value)}"
             )
         path = os.path.normpath(os.path.join(base, os.fspath(value)))
@@ -523,15 +525,15 @@ class _Checker:
 
     def _samples(self, info: tuple[int, int] | str, at: str, label: str) -> int:
         if isinstance(info, str):
-            raise _Invalid(f"{at}: {info}")
+            raise InvalidRecord(f"{at}: {info}")
         frames, rate = info
         if frames <= 0:
-            raise _Invalid(f"{at}: {label} has zero length (0 samples); expected at least one sample")
+            raise InvalidRecord(f"{at}: {label} has zero length (0 samples); expected at least one sample")
         seconds = frames / rate
         if self.max_seconds is not None and seconds > self.max_seconds:
-            raise _Invalid(f"{at}: {label} is {seconds:.2f} s long, over max_audio_seconds={self.max_seconds:g}")
+            raise InvalidRecord(f"{at}: {label} is {seconds:.2f} s long, over max_audio_seconds={self.max_seconds:g}")
         # Rounded half up: the length soxr gives when load_audio resamples to 16 kHz.
         samples = (frames * SAMPLING_RATE + rate // 2) // rate
         if samples == 0:
-            raise _Invalid(f"{at}: {label} ({frames} samples at {rate} Hz) resamples to 0 samples at 16 kHz")
+            raise InvalidRecord(f"{at}: {label} ({frames} samples at {rate} Hz) resamples to 0 samples at 16 kHz")
         return samples

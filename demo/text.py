@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .metrics import normalize_text
+from eardrum.common.metrics import normalize_text
 
 __all__ = [
     "ANIMAL_SOUNDS",

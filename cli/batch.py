@@ -4,7 +4,7 @@
     eardrum eval --model DIR --manifest test.jsonl --task asr|qa|caption [--out DIR] [--parity | --text-only]
 
 `add_batch_parsers(subparsers)` registers both on the `eardrum` parser; `main` runs them alone
-(`python -m eardrum.inference.cli_batch ...`). User mistakes end with one line on stderr and exit
+(`python -m eardrum.cli.batch ...`). User mistakes end with one line on stderr and exit
 code 2, never a traceback.
 """
 
@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _settings(args: argparse.Namespace):
-    from .chat import GenerationSettings
+    from eardrum.inference.chat import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -36,7 +36,7 @@ def _one_line(err: BaseException) -> ValueError:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import format_generate_summary, generate_manifest
+    from eardrum.inference.generate import format_generate_summary, generate_manifest
 
     try:
         summary = generate_manifest(
@@ -62,7 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_manifest, format_table
+    from eardrum.inference.evaluation import evaluate_manifest, format_table
 
     out = args.out or f"eval-{Path(args.manifest).stem}"
     try:

@@ -41,14 +41,14 @@ def spell_digits(text: str) -> str:
     """"23 apples" -> "twenty three apples": the demo's texts spell numbers, Whisper's decoder writes digits."""
     import re
 
-    from eardrum.training.demo_text import number_word
+    from eardrum.demo.text import number_word
 
     return re.sub(r"\d+", lambda m: number_word(int(m.group())) if int(m.group()) < 100 else m.group(), text)
 
 
 def demo_wer(references: list[str], hypotheses: list[str]) -> float:
     """WER after the documented normaliser, with digits spelt out on both sides (the same for every system)."""
-    from eardrum.training.metrics import word_error_rate
+    from eardrum.common.metrics import word_error_rate
 
     return word_error_rate([spell_digits(r) for r in references], [spell_digits(h) for h in hypotheses])["wer"]
 
@@ -79,8 +79,8 @@ def whisper_reference_wer(whisper_source: str, manifest: Path, batch_size: int =
 
 def caption_scores(model_and_processor, manifest: Path, out_dir: Path) -> dict:
     """Event-count and order accuracy on procedural sounds; label accuracy on animal sounds."""
+    from eardrum.demo.data import score_caption_events
     from eardrum.inference.generate import generate_manifest
-    from eardrum.training.demo_data import score_caption_events
 
     out = out_dir / "captions.jsonl"
     if out.exists():
@@ -126,10 +126,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
              whisper: str = "tiny.en", seed: int = 0, say=print) -> dict:
     """Run the whole demo; returns the results (also written to `out_dir/results.json`)."""
     from eardrum.adapters.sources import default_cache_dir
-    from eardrum.inference.assets import fetch_assets
+    from eardrum.demo.assets import fetch_assets
+    from eardrum.demo.data import build_demo_data
     from eardrum.inference.evaluation import evaluate_manifest
     from eardrum.inference.generate import resolve_model
-    from eardrum.training.demo_data import build_demo_data
     from eardrum.training.distill import distill_manifest
 
     start = time.perf_counter()

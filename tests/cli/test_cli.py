@@ -13,7 +13,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eardrum.inference.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eardrum.cli", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
 
 

@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eardrum.inference.demo import run_demo
+    from eardrum.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, assets_dir=args.assets, whisper=args.whisper, seed=args.seed)
     return 0
@@ -56,7 +56,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from eardrum.training.smoke import run_smoke
+    from eardrum.demo.smoke import run_smoke
 
     out = args.out or tempfile.mkdtemp(prefix="eardrum-smoke-")
     print(f"eardrum smoke: tiny random Whisper + Llama bases, stack projector + LoRA, {args.steps} steps, in {out}")
@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("model_dir")
     merge.add_argument("out_dir")
     merge.set_defaults(run=_merge_lora)
-    from eardrum.inference.cli_batch import add_batch_parsers
-    from eardrum.inference.cli_chat import add_chat_parsers
-    from eardrum.inference.cli_serve import add_serve_parser
+    from eardrum.cli.batch import add_batch_parsers
+    from eardrum.cli.chat import add_chat_parsers
+    from eardrum.cli.serve import add_serve_parser
 
     add_chat_parsers(sub)
     add_batch_parsers(sub)
@@ -138,6 +138,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eardrum {args.command}: stopped: {err}", file=sys.stderr)
         return 3
 
-
-if __name__ == "__main__":
-    sys.exit(main())

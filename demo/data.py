@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from eardrum.adapters.audio import SAMPLING_RATE
 
-from . import demo_text as text
-from .demo_text import score_caption_events
+from . import text
+from .text import score_caption_events
 
 __all__ = [
     "FULL_SIZES",
@@ -119,7 +119,7 @@ class Synthesiser(Protocol):
 
 
 class PiperAssets(Protocol):
-    """What running Piper needs; `eardrum.inference.assets.DemoAssets` has it."""
+    """What running Piper needs; `eardrum.demo.assets.DemoAssets` has it."""
 
     voice: Path
     piper_command: list[str]
@@ -317,7 +317,7 @@ def _say(progress: bool, line: str) -> None:
 
 def _generator_fingerprint() -> str:
     """A hash of the generator's own code (this module and the texts'): an edit there never reuses a stale build."""
-    from . import demo_text
+    from . import text as demo_text
 
     digest = hashlib.sha256()
     for module_file in (__file__, demo_text.__file__):
@@ -362,7 +362,7 @@ def build_demo_data(
     Args:
         out_dir: where builds are kept, one folder per content key.
         assets: gives `animal_sounds` and, unless `synthesiser` is given, the Piper voice and command
-            (an `eardrum.inference.assets.DemoAssets`).
+            (an `eardrum.demo.assets.DemoAssets`).
         seed: the same seed gives the same texts, splits and audio.
         sizes: item counts; None means `QUICK_SIZES` with `quick`, else `FULL_SIZES`.
         quick: a few hundred items, for a fast first run.

