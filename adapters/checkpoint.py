@@ -56,7 +56,6 @@ def build_audio_llm(
     d_llm = llm.get_input_embeddings().embedding_dim
     projector = build_projector(config.projector, encoder.hidden_size, d_llm)
     model = AudioLLM(config, encoder, projector, llm, processor.placeholder_id).eval()
-    model.processor = processor
     counts = model.trainable_summary()
     logger.info(
         "built audio LLM: encoder %s (%d params, frozen), LLM %s (%d params), projector %s (%d params)",
@@ -89,13 +88,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def save_pretrained(model: AudioLLM, directory: str | Path, processor: AudioProcessor | None = None) -> Path:
-    """Write the checkpoint directory described in this module's docstring."""
+def save_pretrained(model: AudioLLM, directory: str | Path, processor: AudioProcessor) -> Path:
+    """Write the checkpoint directory described in this module's docstring.
+
+    Args:
+        model: the audio LLM whose trained parts are written.
+        directory: the folder to write (created if missing).
+        processor: the model's processor; its tokenizer and feature extractor are written beside the weights.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    processor = processor or getattr(model, "processor", None)
-    if processor is None:
-        raise CheckpointError("save_pretrained needs the processor (tokenizer and feature extractor) of the model")
     meta = {
         "config": model.config.to_dict(),
         "frame_spec": model.encoder.spec.to_dict(),
@@ -183,7 +185,6 @@ def load_pretrained(
         from peft import PeftModel
 
         model.llm = PeftModel.from_pretrained(model.llm, str(directory / ADAPTER_DIR), is_trainable=is_trainable)
-    model.processor = processor
     return model, processor
 
 

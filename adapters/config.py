@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .audio import SAMPLING_RATE
 from .encoders import FrameSpec, num_frames
 from .projectors import ProjectorConfig, ProjectorConfigError, projector_num_tokens
 
-SAMPLING_RATE = 16_000
 LABEL_MODES = ("all_assistant", "last_assistant", "after_audio")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from .config import AudioLLMConfig, num_audio_tokens
 from .encoders import SpeechEncoder
 from .merge import merge_audio_tokens, text_ids_for_embedding
+from .processor import AudioProcessor
 from .projectors import Projector
 
 logger = logging.getLogger(__name__)
@@ -199,15 +201,18 @@ class AudioLLM(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )
 
-    def save_pretrained(self, directory, processor=None):
-        """Write a small checkpoint directory (see `eardrum.adapters.checkpoint`)."""
+    def save_pretrained(self, directory: str | Path, processor: AudioProcessor) -> Path:
+        """Write a small checkpoint directory with `processor`'s files (see `eardrum.adapters.checkpoint`)."""
         from .checkpoint import save_pretrained
 
         return save_pretrained(self, directory, processor)
 
     @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> AudioLLM:
-        """Rebuild a saved model; its processor is at `.processor`."""
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> AudioLLM:
+        """Rebuild a saved model and return the model only.
+
+        `eardrum.adapters.checkpoint.load_pretrained` takes the same arguments and returns (model, processor).
+        """
         from .checkpoint import load_pretrained
 
         return load_pretrained(directory, **kwargs)[0]

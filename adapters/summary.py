@@ -8,8 +8,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .audio import SAMPLING_RATE
 from .checkpoint import ADAPTER_DIR, WEIGHTS_NAME, read_checkpoint_meta
-from .config import SAMPLING_RATE, AudioLLMConfig
+from .config import AudioLLMConfig
 from .encoders import WHISPER_HOP, FrameSpec
 from .projectors import tokens_per_second
 from .sources import SourceError, describe_source

@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from eardrum.adapters.config import AudioLLMConfig, ConfigError
+from eardrum.adapters.sources import QUANTIZATIONS
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16", "auto")
-QUANTIZATIONS = (None, "4bit", "8bit")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,6 @@ class DataSettings:
     max_tokens: int | None = None  # padded tokens per batch (a token budget) instead of batch_size
     group_by_length: bool = True
     skip_bad: bool = False  # skip bad examples (listed in output_dir/bad_examples.jsonl) instead of stopping
-    num_workers: int = 0  # DataLoader workers decoding audio
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,19 @@ weights, optimizer state and random state the interrupted one would have used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from eardrum.adapters.audio import SAMPLING_RATE
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_checkpoint_meta
 from eardrum.common.batching import plan_batches, shard_batches
 from eardrum.common.records import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
@@ -36,6 +40,13 @@ from .setup import (
     trim_jsonl,
 )
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from eardrum.adapters.model import AudioLLM
+
+    from .cache import FeatureCache
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,6 +61,20 @@ class Progress:
     micro_done: int = 0  # micro-batches of `epoch` done by this rank
     examples: int = 0
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every optimizer step uses, built once before the loop."""
+
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    core: AudioLLM  # the same model, unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler_fn: Callable[[int], float]  # optimizer steps done -> learning rate
+    collate: Collator
+    cache: FeatureCache | None  # None: the encoder runs in every step
+    acc: Accelerator
+    recipe: Recipe
 
 
 def _accelerator(recipe: Recipe):
@@ -174,6 +199,7 @@ def train(recipe: Recipe) -> dict:
     if cache is not None:
         _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, main)
     bar = _progress_bar(main, total_steps, progress.step)
+    ctx = StepContext(model, core, optimizer, scheduler_fn, collate, cache, acc, recipe)
     model.train()
     start = time.perf_counter()
     stop = False
@@ -183,9 +209,7 @@ def train(recipe: Recipe) -> dict:
         for group in groups[progress.micro_done // o.grad_accum :]:
             if t.log_examples:
                 _log_examples(out, acc, progress, group, train_records)
-            loss, n_examples, audio_s = _step(
-                model, core, optimizer, scheduler_fn, group, collate, cache, acc, recipe, progress
-            )
+            loss, n_examples, audio_s = _step(ctx, group, progress)
             progress.step += 1
             progress.micro_done += len(group)
             progress.examples += n_examples
@@ -235,26 +259,25 @@ def train(recipe: Recipe) -> dict:
     return result
 
 
-def _step(
-    model, core, optimizer, scheduler_fn, group, collate, cache, acc, recipe, progress
-) -> tuple[float, int, float]:
-    """One optimizer step over a group of micro-batches; returns the mean loss across micro-batches and ranks."""
+def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple[float, int, float]:
+    """One optimizer step over a group of micro-batches.
 
-    losses, examples, audio_seconds = [], 0, 0.0
+    Returns the mean loss across micro-batches and ranks, this rank's examples, and their seconds of audio
+    (from the records' clip lengths, so the same for every encoder and with or without the feature cache).
+    """
+    model, core, optimizer, collate, acc, recipe = ctx.model, ctx.core, ctx.optimizer, ctx.collate, ctx.acc, ctx.recipe
+    losses, examples, audio_samples = [], 0, 0
     for k, indices in enumerate(group):
         batch = collate(indices)
         ids = batch.pop("example_ids")
         batch.pop("bad", None)
         if not ids:
             continue
-        if "audio_windows" in batch:
-            audio_seconds += sum(len(w) for w in batch["audio_windows"]) / 16000
-        elif "audio_lengths" in batch:
-            audio_seconds += float(batch["audio_lengths"].sum()) / 100  # mel frames are 10 ms
+        audio_samples += sum(sum(collate.records[i].clip_samples) for i in ids)
         teacher = batch.pop("teacher", None)
-        batch = model_inputs(batch, core, collate.processor, cache, device=acc.device)
+        batch = model_inputs(batch, core, collate.processor, ctx.cache, device=acc.device)
         sync = k == len(group) - 1
-        with acc.no_sync(model) if not sync and acc.num_processes > 1 else _null():
+        with acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext():
             with acc.autocast():  # the text teacher's forward too, under the run's mixed precision
                 loss = _loss(model(**batch, labelled_logits_only=True), batch["labels"], teacher, core, recipe.distill)
             bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
@@ -270,11 +293,11 @@ def _step(
     if recipe.optim.grad_clip:
         acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.optim.grad_clip)
     for g in optimizer.param_groups:
-        g["lr"] = scheduler_fn(progress.step)
+        g["lr"] = ctx.scheduler_fn(progress.step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=acc.device)
-    return acc.reduce(mean, "mean").item(), examples, audio_seconds
+    return acc.reduce(mean, "mean").item(), examples, audio_samples / SAMPLING_RATE
 
 
 def _loss(output, labels: torch.Tensor, teacher: dict | None, core, settings: DistillSettings) -> torch.Tensor:
@@ -296,14 +319,6 @@ def _log_examples(out: Path, acc, progress: Progress, group: list[list[int]], re
     }
     with (out / f"examples-rank{acc.process_index}.jsonl").open("a") as f:
         f.write(json.dumps(line) + "\n")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress_bar(main: bool, total: int, done: int):

@@ -18,6 +18,7 @@ from eardrum.adapters.checkpoint import (
 )
 from eardrum.adapters.config import AudioLLMConfig, ConfigError
 from eardrum.adapters.model import AudioLLM
+from eardrum.adapters.processor import AudioProcessor
 from eardrum.adapters.projectors import ProjectorConfig
 
 
@@ -44,7 +45,7 @@ def saved(model_dirs, tmp_path_factory):
     model.llm = get_peft_model(model.llm, lora)
     with torch.no_grad():
         model.encoder.select.weights.normal_()
-    directory = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "model")
+    directory = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "model", processor)
     return model, processor, directory
 
 
@@ -67,6 +68,14 @@ def test_round_trip_gives_bit_identical_logits(saved):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     assert torch.equal(loaded.encoder.select.weights, model.encoder.select.weights)
+
+
+def test_models_carry_no_processor_and_from_pretrained_returns_the_model_only(saved):
+    model, _, directory = saved
+    loaded, processor = load_pretrained(directory)
+    assert isinstance(processor, AudioProcessor)
+    assert not hasattr(model, "processor") and not hasattr(loaded, "processor")
+    assert type(AudioLLM.from_pretrained(directory)) is AudioLLM
 
 
 def test_processor_loads_without_model_weights_and_matches(saved):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,31 @@ def test_qlora_and_gradient_checkpointing_recipes_run(tmp_path, overrides):
     result = train(tiny(tmp_path, "train.max_steps=3", "train.save_every=null", *overrides))
     assert result["steps"] == 3 and result["eval"]["loss"] < 7
     assert (tmp_path / "run" / "final" / "llm_adapter" / "adapter_model.safetensors").is_file()
+
+
+CLIP_SAMPLES = (8_001, 9_613, 11_237, 12_859)  # not whole 10 ms mel frames, so no frame count can stand in
+
+
+@pytest.mark.parametrize("encoder,cache", [("tiny:whisper", False), ("tiny:wav2vec2", False),
+                                           ("tiny:whisper", True), ("tiny:wav2vec2", True)],
+                         ids=["whisper", "wav2vec2", "whisper-cached", "wav2vec2-cached"])
+def test_audio_seconds_are_the_clip_durations_of_the_step_examples(tmp_path, encoder, cache):
+    import soundfile as sf
+
+    manifest = tmp_path / "clips.jsonl"
+    lines = []
+    for k, n in enumerate(CLIP_SAMPLES):
+        wave = np.random.default_rng(k).uniform(-0.5, 0.5, n).astype(np.float32)
+        sf.write(tmp_path / f"clip{k}.wav", wave, 16_000, subtype="FLOAT")
+        lines.append(json.dumps({"audio": str(tmp_path / f"clip{k}.wav"), "text": "a tone", "task": "caption"}))
+    manifest.write_text("\n".join(lines) + "\n")
+    train(tiny(tmp_path, f"model.encoder={encoder}", f"cache.enabled={str(cache).lower()}",
+               f"data.train=[{{path: {manifest}}}]", "data.eval=[]", "data.batch_size=2", "train.max_steps=2",
+               "train.log_every=1", "train.save_every=null", "train.log_examples=true"))
+    run = tmp_path / "run"
+    seen = [json.loads(x) for x in (run / "examples-rank0.jsonl").read_text().splitlines()]
+    expected = [sum(CLIP_SAMPLES[int(w.rsplit(" line ", 1)[1]) - 1] for w in s["examples"]) / 16_000 for s in seen]
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "audio_seconds" in x]
+    assert [s["step"] for s in seen] == [r["step"] for r in logged] == [1, 2]
+    assert sorted(w for s in seen for w in s["examples"]) == [f"{manifest} line {n}" for n in (1, 2, 3, 4)]
+    assert [r["audio_seconds"] for r in logged] == pytest.approx(expected, rel=1e-12, abs=0)
