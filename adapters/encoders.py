@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .audio import SAMPLING_RATE
+
 WHISPER_HOP = 160  # mel hop in samples at 16 kHz: 100 mel frames per second
 MIN_SAMPLES = 400  # one STFT window / one wav2vec2 receptive field; shorter clips are zero-padded to this
 
@@ -143,9 +145,9 @@ class AudioFeaturizer:
         fe = self.feature_extractor
         if self.spec.kind == "whisper":
             padding = "max_length" if self.pad_to_30s else "longest"
-            out = fe([wave], sampling_rate=16000, padding=padding, return_tensors="np")
+            out = fe([wave], sampling_rate=SAMPLING_RATE, padding=padding, return_tensors="np")
             return out["input_features"][0]  # (C, T_mel)
-        out = fe([wave], sampling_rate=16000, padding=False, return_tensors="np")
+        out = fe([wave], sampling_rate=SAMPLING_RATE, padding=False, return_tensors="np")
         return out["input_values"][0].astype(np.float32)  # (S,)
 
 

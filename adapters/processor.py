@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tokenizers import AddedToken
 
-from .audio import load_audio
-from .config import SAMPLING_RATE, AudioLLMConfig, num_audio_tokens, plan_windows, window_samples
+from .audio import SAMPLING_RATE, load_audio
+from .config import AudioLLMConfig, num_audio_tokens, plan_windows, window_samples
 from .encoders import AudioFeaturizer
 
 IGNORE_INDEX = -100

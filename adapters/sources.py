@@ -44,6 +44,7 @@ from .ct2 import (
     read_ct2_model,
     whisper_config,
 )
+from .placement import QUANTIZATIONS
 
 __all__ = [
     "QUANTIZATIONS",
@@ -62,7 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = (None, "4bit", "8bit")
 SourceKind = Literal["ct2_whisper", "gguf", "local", "hub", "tiny"]
 TINY_PREFIX = "tiny:"  # "tiny:whisper", "tiny:llama", ...: tiny random bases written once into the cache
 TINY_VERSION = 2

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audio import SAMPLING_RATE
+
 # ---------------------------------------------------------------- tokenizers
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -164,7 +166,9 @@ def whisper_feature_extractor():
 def w2v_feature_extractor():
     from transformers import Wav2Vec2FeatureExtractor
 
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True
+    )
 
 
 def _write_model(model, path: Path) -> None:
@@ -214,7 +218,9 @@ TINY_SOUNDS = {  # caption -> (frequency in Hz, number of beeps)
 }
 
 
-def synth_sound(freq: float, beeps: int, seconds: float = 1.0, rate: int = 16000, phase: float = 0.0) -> np.ndarray:
+def synth_sound(
+    freq: float, beeps: int, seconds: float = 1.0, rate: int = SAMPLING_RATE, phase: float = 0.0
+) -> np.ndarray:
     """`beeps` equal tone bursts of `freq` Hz separated by silence, (seconds * rate,) float32."""
     t = np.arange(int(seconds * rate)) / rate
     wave = 0.5 * np.sin(2 * np.pi * freq * t + phase)
@@ -238,7 +244,7 @@ def write_tiny_dataset(folder: str | Path, variants: int = 3) -> dict[str, Path]
     for k, (caption, (freq, beeps)) in enumerate(TINY_SOUNDS.items()):
         for v in range(variants + 1):
             name = f"clips/sound{k}_v{v}.wav"
-            sf.write(folder / name, synth_sound(freq, beeps, 0.5 + 0.1 * v, phase=v), 16000, subtype="PCM_16")
+            sf.write(folder / name, synth_sound(freq, beeps, 0.5 + 0.1 * v, phase=v), SAMPLING_RATE, subtype="PCM_16")
             split = "eval" if v == variants else None
             lines[split or "caption"].append({"audio": name, "text": caption, "task": "caption"})
             if split is None:

@@ -3,9 +3,8 @@
     eardrum generate --model DIR --manifest in.jsonl --out out.jsonl [--batch-size N] [--max-new-tokens N]
     eardrum eval --model DIR --manifest test.jsonl --task asr|qa|caption [--out DIR] [--parity | --text-only]
 
-`add_batch_parsers(subparsers)` registers both on the `eardrum` parser; `main` runs them alone
-(`python -m eardrum.cli.batch ...`). User mistakes end with one line on stderr and exit
-code 2, never a traceback.
+`add_batch_parsers(subparsers)` registers both on the `eardrum` parser. User mistakes end with one
+line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,20 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
+from eardrum.common.generation import BATCH_SIZE
+
+from .options import add_generation_options, add_placement_options, generation_settings, placement
+
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
-
-
-def _settings(args: argparse.Namespace):
-    from eardrum.inference.chat import GenerationSettings
-
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
 
 
 def _one_line(err: BaseException) -> ValueError:
@@ -44,11 +34,10 @@ def _generate(args: argparse.Namespace) -> int:
             args.manifest,
             args.out,
             batch_size=args.batch_size,
-            settings=_settings(args),
+            settings=generation_settings(args),
             task=args.task,
             prompt=args.prompt,
-            device=args.device,
-            dtype=args.dtype,
+            placement=placement(args),
             progress=not args.no_progress,
         )
     except (ValueError, OSError) as err:
@@ -74,10 +63,9 @@ def _eval(args: argparse.Namespace) -> int:
             parity=args.parity,
             text_only=args.text_only,
             batch_size=args.batch_size,
-            settings=_settings(args),
+            settings=generation_settings(args),
             prompt=args.prompt,
-            device=args.device,
-            dtype=args.dtype,
+            placement=placement(args),
             progress=not args.no_progress,
         )
     except (ValueError, OSError) as err:
@@ -87,30 +75,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--manifest", required=True, help="JSONL manifest (asr/caption, qa or chat lines)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1 = off")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per call (default: %(default)s)")
     parser.add_argument("--prompt", help="the prompt for asr / caption lines (default: the task's default prompt)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_generation_options(parser)
+    add_placement_options(parser)
 
 
 def add_batch_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register `generate` and `eval` (with their handlers, as `run`) on the `eardrum` subparsers."""
     gen = subparsers.add_parser("generate", help="answer every line of a manifest into a JSONL file (resumable)")
-    _common(gen, max_new_tokens=256)
+    _common(gen)
     gen.add_argument("--out", required=True, help="output JSONL; lines already in it are skipped")
     gen.add_argument("--task", choices=("asr", "caption", "qa", "chat"), help="read every line as this task")
     gen.set_defaults(run=_generate)
     ev = subparsers.add_parser("eval", help="score a checkpoint on a manifest: WER/CER, QA accuracy, BLEU/CIDEr")
-    _common(ev, max_new_tokens=128)
+    _common(ev)
     ev.add_argument("--task", required=True, choices=("asr", "qa", "caption"))
     ev.add_argument("--out", help="folder for per_example.jsonl and summary.json (default: ./eval-MANIFEST_NAME)")
     ev.add_argument(

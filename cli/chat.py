@@ -19,6 +19,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from .options import add_generation_options, add_placement_options, generation_settings, placement
+
 # Everything heavier than argparse is imported inside the handlers: this module is imported by every
 # `eardrum` command, and the environment set in `main` must be in place before transformers loads.
 
@@ -38,16 +40,8 @@ def add_chat_parsers(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument(
         "--audio", action="append", default=[], metavar="[NAME=]FILE", help="a recording (repeat for more)"
     )
-    gen = common.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    place = common.add_argument_group("placement")
-    place.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    place.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    place.add_argument("--quantization", default=None, choices=["4bit", "8bit"], help="load the LLM quantized")
+    add_generation_options(common)
+    add_placement_options(common)
 
     chat = subparsers.add_parser("chat", parents=[common], help="talk about recordings, answers streamed")
     chat.set_defaults(run=run_chat)
@@ -69,20 +63,6 @@ def _one_line(err: BaseException) -> str:
 def _fail(command: str, err: BaseException) -> int:
     print(f"eardrum {command}: error: {_one_line(err)}", file=sys.stderr)
     return 2
-
-
-def _settings(args: argparse.Namespace):
-    from eardrum.inference.chat import GenerationSettings
-
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    settings.validate()
-    return settings
 
 
 def _split_spec(spec: str) -> tuple[str | None, str]:
@@ -121,8 +101,9 @@ def _load_chat(args: argparse.Namespace, settings, recordings: list[dict]):
     from eardrum.inference.chat import AudioChat
 
     read_checkpoint_meta(args.model)  # a clear error for a directory that is not a checkpoint
+    chosen = placement(args)
     chat = AudioChat.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, quantization=args.quantization, settings=settings
+        args.model, device=chosen.device, dtype=chosen.dtype, quantization=chosen.quantization, settings=settings
     )
     for rec in recordings:
         chat.add_recording((rec["wave"], SAMPLING_RATE), rec["name"])
@@ -146,7 +127,8 @@ def run_ask(args: argparse.Namespace) -> int:
         if unknown:
             known = ", ".join(repr(n) for n in names) or "none given"
             raise ValueError(f"--use {', '.join(map(repr, unknown))}: no such recording; recordings: {known}")
-        settings = _settings(args)
+        settings = generation_settings(args)
+        settings.validate()
         start = time.perf_counter()
         chat = _load_chat(args, settings, recordings)
         loaded = time.perf_counter()
@@ -172,7 +154,8 @@ def run_chat(args: argparse.Namespace) -> int:
     """`eardrum chat`: a conversation on stdin/stdout; errors in it print one line and it goes on."""
     try:
         recordings = _read_recordings(args.audio)
-        settings = _settings(args)
+        settings = generation_settings(args)
+        settings.validate()
         chat = _load_chat(args, settings, recordings)
     except (ValueError, OSError) as err:
         return _fail("chat", err)

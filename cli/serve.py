@@ -14,6 +14,10 @@ import argparse
 import socket
 from pathlib import Path
 
+from eardrum.inference.server_settings import ServerSettings
+
+from .options import add_placement_options, field_default, placement
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -57,33 +61,39 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     serve.add_argument("--model-name", help="the id clients send as `model` (default: the folder's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    serve.add_argument("--max-batch", type=_positive(int), default=8, help="requests per generate call (default: 8)")
+    default = lambda name: field_default(ServerSettings, name)  # noqa: E731
+    serve.add_argument(
+        "--max-batch",
+        type=_positive(int),
+        default=default("max_batch"),
+        help="requests per generate call (default: %(default)s)",
+    )
     serve.add_argument(
         "--batch-wait-ms",
         type=_non_negative_float,
-        default=5.0,
-        help="how long a request waits for others to share its batch (default: 5)",
+        default=default("batch_wait_ms"),
+        help="how long a request waits for others to share its batch (default: %(default)s)",
     )
     serve.add_argument(
         "--max-new-tokens",
         type=_positive(int),
-        default=512,
-        help="the most tokens one answer may have; larger max_tokens are capped (default: 512)",
+        default=default("max_new_tokens"),
+        help="the most tokens one answer may have; larger max_tokens are capped (default: %(default)s)",
     )
     serve.add_argument(
         "--max-request-bytes",
         type=_positive(int),
-        default=25_000_000,
-        help="larger request bodies get 413 (default: 25000000)",
+        default=default("max_request_bytes"),
+        help="larger request bodies get 413 (default: %(default)s)",
     )
     serve.add_argument(
         "--max-audio-seconds",
         type=_positive(float),
-        default=600.0,
-        help="the most audio one request may hold, all clips together (default: 600)",
+        default=default("max_audio_seconds"),
+        help="the most audio one request may hold, all clips together (default: %(default)s)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: info)")
+    add_placement_options(serve)
     serve.set_defaults(run=run_serve)
     return serve
 
@@ -94,12 +104,6 @@ def _check_model_dir(model: str) -> Path:
     if not path.is_dir():
         raise ValueError(f"--model {model}: no such folder; expected an eardrum checkpoint folder")
     return path
-
-
-def _check_device(device: str) -> None:
-    kind, _, index = device.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
-        raise ValueError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -124,9 +128,9 @@ def listen(host: str, port: int) -> socket.socket:
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of `eardrum serve`: check the arguments, take the port, then load and serve until stopped."""
     model_dir = _check_model_dir(args.model)
-    _check_device(args.device)
+    chosen = placement(args)  # a bad --device, --dtype or --quantization is named before anything loads
     sock = listen(args.host, args.port)
-    from eardrum.inference.server import ServerSettings, serve
+    from eardrum.inference.server import serve
 
     settings = ServerSettings(
         model_name=args.model_name or model_dir.resolve().name,
@@ -137,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_audio_seconds=args.max_audio_seconds,
     )
     try:
-        serve(str(model_dir), sock, settings, device=args.device, log_level=args.log_level)
+        serve(str(model_dir), sock, settings, placement=chosen, log_level=args.log_level)
     finally:
         sock.close()
     return 0

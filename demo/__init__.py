@@ -1,0 +1,1 @@
+"""eardrum.demo: the demo application (real weights fetched, trained and measured) and the smoke run."""

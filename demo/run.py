@@ -20,6 +20,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+WHISPER_MAX_TOKENS = 96  # Whisper's own decoder, as the reference: room for the longest held-out sentence
+DISTILL_MAX_TOKENS = 32  # the LLM's text answers that become the spoken questions' targets: short answers
+EVAL_BATCH_SIZE = 32  # prompts per generate call when the demo evaluates (larger than the CLI's, for speed)
+
 
 def _paths(*manifests: Path) -> list[str]:
     """Overrides setting the recipe's training sources' paths, in the recipe's order."""
@@ -58,7 +62,7 @@ def whisper_reference_wer(whisper_source: str, manifest: Path, batch_size: int =
     import torch
     from transformers import AutoTokenizer
 
-    from eardrum.adapters.audio import load_audio
+    from eardrum.adapters.audio import SAMPLING_RATE, load_audio
     from eardrum.adapters.sources import convert_ct2_whisper, describe_source, load_speech_model
 
     model, feature_extractor = load_speech_model(whisper_source)
@@ -69,9 +73,9 @@ def whisper_reference_wer(whisper_source: str, manifest: Path, batch_size: int =
     for start in range(0, len(lines), batch_size):
         chunk = lines[start : start + batch_size]
         waves = [load_audio(manifest.parent / line["audio"]) for line in chunk]
-        features = feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+        features = feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
         with torch.no_grad():
-            ids = model.generate(features, max_new_tokens=96)
+            ids = model.generate(features, max_new_tokens=WHISPER_MAX_TOKENS)
         hyps += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         refs += [line["text"] for line in chunk]
     return {"wer": demo_wer(refs, hyps), "examples": [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)]}
@@ -85,7 +89,7 @@ def caption_scores(model_and_processor, manifest: Path, out_dir: Path) -> dict:
     out = out_dir / "captions.jsonl"
     if out.exists():
         out.unlink()
-    generate_manifest(model_and_processor, manifest, out, task="caption", batch_size=32, progress=False)
+    generate_manifest(model_and_processor, manifest, out, task="caption", batch_size=EVAL_BATCH_SIZE, progress=False)
     lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
     outputs = {r["line"]: r.get("output", "") for r in map(json.loads, out.read_text().splitlines())}
     procedural, animals = [], []
@@ -125,11 +129,11 @@ def format_results(results: dict) -> str:
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
              whisper: str = "tiny.en", seed: int = 0, say=print) -> dict:
     """Run the whole demo; returns the results (also written to `out_dir/results.json`)."""
+    from eardrum.adapters.placement import load_placed
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.demo.assets import fetch_assets
     from eardrum.demo.data import build_demo_data
     from eardrum.inference.evaluation import evaluate_manifest
-    from eardrum.inference.generate import resolve_model
     from eardrum.training.distill import distill_manifest
 
     start = time.perf_counter()
@@ -148,14 +152,14 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(data["asr_train"],
                                                                                         data["caption_train"])], say)
     lap("stage1")
-    model, processor = resolve_model(str(stage1))  # placed as `eardrum chat` places it: the GPU when there is one
+    model, processor = load_placed(stage1)  # placed as `eardrum chat` places it: the GPU when there is one
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
-    distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=32, batch_size=64)
+    distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=DISTILL_MAX_TOKENS, batch_size=64)
     lap("distillation")
     # Stage 1 leaves the LLM as shipped, so its answers to the transcripts are the shipped LLM's own
     # accuracy: the reference for the spoken questions that no LoRA has moved.
-    shipped = evaluate_manifest((model, processor), data["qa_test"], "qa", text_only=True, batch_size=32,
+    shipped = evaluate_manifest((model, processor), data["qa_test"], "qa", text_only=True, batch_size=EVAL_BATCH_SIZE,
                                 out_dir=out / "eval" / "qa_text_shipped_llm", progress=False)
     lap("eval_qa_text_shipped_llm")
     del model
@@ -164,15 +168,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
                    say)
     lap("stage2")
     say("evaluating on held-out data")
-    loaded = resolve_model(str(final))
+    loaded = load_placed(final)
     asr = evaluate_manifest(
-        loaded, data["asr_test"], "asr", batch_size=32, out_dir=out / "eval" / "asr", progress=False
+        loaded, data["asr_test"], "asr", batch_size=EVAL_BATCH_SIZE, out_dir=out / "eval" / "asr", progress=False
     )
     lap("eval_asr")
     reference = whisper_reference_wer(str(assets.whisper), data["asr_test"])
     lap("eval_whisper_reference")
     qa = evaluate_manifest(
-        loaded, data["qa_test"], "qa", parity=True, batch_size=32, out_dir=out / "eval" / "qa", progress=False
+        loaded, data["qa_test"], "qa", parity=True, batch_size=EVAL_BATCH_SIZE, out_dir=out / "eval" / "qa",
+        progress=False,
     )
     lap("eval_qa_parity")
     captions = caption_scores(loaded, data["caption_test"], out / "eval")

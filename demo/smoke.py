@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eardrum.adapters.audio import SAMPLING_RATE
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
 from eardrum.adapters.tiny import TINY_SOUNDS, save_tiny_bases, synth_sound
+from eardrum.common.decoding import answer_conversations
+from eardrum.common.generation import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _conversation(caption: str | None, wave: np.ndarray) -> list[dict]:
-    user = {"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)}, {"type": "text", "text": QUESTION}]}
+    audio = {"type": "audio", "audio": (wave, SAMPLING_RATE)}
+    user = {"role": "user", "content": [audio, {"type": "text", "text": QUESTION}]}
     return [user] if caption is None else [user, {"role": "assistant", "content": caption}]
 
 
@@ -60,16 +64,15 @@ def run_smoke(out_dir: str | Path, steps: int = 120, seed: int = 0) -> dict:
     reloaded, _ = load_pretrained(checkpoint)
     with torch.no_grad():
         same = torch.equal(model(**batch).logits, reloaded(**batch).logits)
-    prompts = processor([_conversation(None, w) for w in waves.values()], add_generation_prompt=True)
-    ids = reloaded.generate(**prompts, max_new_tokens=8, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    answers = dict(zip(waves, processor.batch_decode(ids)))
+    prompts = [_conversation(None, w) for w in waves.values()]
+    answers = dict(zip(waves, answer_conversations(reloaded, processor, prompts, GenerationSettings(max_new_tokens=8))))
     return {
         "checkpoint": str(checkpoint),
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "reload_bit_identical": same,
         "answers": answers,
-        "correct": sum(a.strip() == c for c, a in answers.items()),
+        "correct": sum(a == c for c, a in answers.items()),
         "seconds": time.perf_counter() - start,
         "trainable": model.trainable_summary(),
     }

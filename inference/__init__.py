@@ -1,1 +1,1 @@
-"""eardrum.inference: chat, command line and server."""
+"""eardrum.inference: chat, streaming, batch generation, evaluation and the server."""

@@ -25,11 +25,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from eardrum.adapters.processor import AudioProcessor
+from eardrum.common.decoding import draw_tokens, generate_tokens, seeded_generator, stop_token_ids
+from eardrum.common.generation import GenerationSettings
 
-from .chat import draw_tokens, seeded_generator, stop_token_ids  # the same stops and sampling as `eardrum chat`
 from .openai_schema import APIError, SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,9 @@ class _Row:
         cut = _first_stop(text, self.job.options.stop)
         if cut is not None:
             text, self.reason = text[:cut], "stop"
-        self.text = text
-        if self.job.stream:
-            self._send(text if self.reason else _sendable(text, self.job.options.stop))
+        self.text = text.strip()  # answers are stripped on every path (see eardrum.common.decoding)
+        if self.job.stream:  # trailing whitespace waits for the text after it, or is dropped at the end
+            self._send(self.text if self.reason else _sendable(text, self.job.options.stop).strip())
 
     def _send(self, ready: str) -> None:
         # Deltas only ever append, so the client's joined deltas are the answer.
@@ -133,7 +134,7 @@ class _Row:
         if self.reason == "cancelled":
             return
         if not self.watch:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
         self.reason = self.reason or "length"  # only the LLM's own length limit ends a row without us
         if self.job.stream:
             self._send(self.text)
@@ -179,8 +180,6 @@ class GenerationEngine:
         self.batch_wait_s = batch_wait_s
         tokenizer = processor.tokenizer
         self.stop_ids = frozenset(stop_token_ids(tokenizer, getattr(model.llm, "generation_config", None)))
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -255,16 +254,16 @@ class GenerationEngine:
         batch = self.processor([job.conversation for job in jobs], add_generation_prompt=True)  # left-padded
         rows = [_Row(job, self.processor.tokenizer, self.stop_ids) for job in jobs]
         options = [job.options for job in jobs]
-        extra = {}
-        if not all(o.greedy for o in options):
-            extra["logits_processor"] = LogitsProcessorList([_RowSampler(options)])
-        self.model.generate(
-            **batch,
-            **extra,
-            do_sample=False,  # sampling rows are drawn by _RowSampler; OpenAI's sampling has no top-k
-            max_new_tokens=max(o.max_tokens for o in options),
-            eos_token_id=sorted(self.stop_ids) or None,
-            pad_token_id=self.pad_id,
+        sampler = [] if all(o.greedy for o in options) else [_RowSampler(options)]
+        # Greedy settings for the batch: sampling rows are drawn by _RowSampler (OpenAI's sampling has no
+        # top-k), and each row ends at its own stop or length through _RowMonitor.
+        settings = GenerationSettings(max_new_tokens=max(o.max_tokens for o in options))
+        generate_tokens(
+            self.model,
+            self.processor.tokenizer,
+            batch,
+            settings,
+            logits_processor=sampler,
             stopping_criteria=StoppingCriteriaList([_RowMonitor(rows)]),
         )
         return rows

@@ -20,7 +20,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from eardrum.adapters.placement import Placement
 from eardrum.adapters.processor import text_in_place_of_audio
+from eardrum.common.generation import BATCH_SIZE, GenerationSettings
 from eardrum.common.metrics import (
     bleu,
     character_error_rate,
@@ -31,7 +33,6 @@ from eardrum.common.metrics import (
 )
 
 from .generate import (
-    GenerationSettings,
     ModelSpec,
     Prompt,
     check_run_settings,
@@ -48,7 +49,6 @@ METRICS = {  # what each task reports, in table order
     "caption": ("bleu4", "cider_d", "exact_match"),
 }
 TRANSCRIPT_FIELD = "transcript"
-MODES = ("audio", "text")
 
 
 def corpus_scores(task: str, references: list[str], hypotheses: list[str]) -> dict[str, float]:
@@ -155,11 +155,10 @@ def evaluate_manifest(
     out_dir: str | os.PathLike | None = None,
     parity: bool = False,
     text_only: bool = False,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     settings: GenerationSettings | None = None,
     prompt: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
+    placement: Placement | None = None,
     progress: bool = True,
 ) -> dict:
     """Answer and score every line of a manifest; write per_example.jsonl and summary.json to `out_dir`.
@@ -173,7 +172,7 @@ def evaluate_manifest(
         parity: also answer with the transcript in place of the audio and report the gap.
         text_only: answer only with the transcript in place of the audio: the LLM's own accuracy on
             the same lines (the projector is not used); the metrics are those of the text answers.
-        batch_size, settings, prompt, device, dtype, progress: as for `generate_manifest`.
+        batch_size, settings, prompt, placement, progress: as for `generate_manifest`.
 
     Returns:
         The summary: {"task", "manifest", "model", "lines", "scored", "errors", "mode" ("audio", or
@@ -196,7 +195,7 @@ def evaluate_manifest(
     runs = {"text": text} if text_only else {"audio": prompts, **({"text": text} if parity else {})}
     answers = {}
     if prompts:
-        loaded, processor = resolve_model(model, device, dtype)
+        loaded, processor = resolve_model(model, placement)
         for mode, items in runs.items():
             answers[mode] = _answers(loaded, processor, items, settings, batch_size, mode, progress)
     rows, metrics = _rows(task, prompts, answers, errors)

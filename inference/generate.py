@@ -26,8 +26,11 @@ from typing import Any
 import torch
 
 from eardrum.adapters.model import AudioLLM
+from eardrum.adapters.placement import Placement, load_placed, place_model
 from eardrum.adapters.processor import AudioProcessor
 from eardrum.common.batching import plan_batches
+from eardrum.common.decoding import answer_conversations
+from eardrum.common.generation import BATCH_SIZE, GenerationSettings
 from eardrum.common.records import (
     DEFAULT_PROMPTS,
     DataSource,
@@ -36,8 +39,6 @@ from eardrum.common.records import (
     RecordChecker,
     build_conversation,
 )
-
-from .chat import GenerationSettings  # one set of decoding settings for chat, ask and generate
 
 ModelSpec = str | os.PathLike | tuple[AudioLLM, AudioProcessor]  # a checkpoint folder, or a loaded pair
 ID_FIELD = "id"  # copied from the input line to its output line, when present
@@ -174,19 +175,6 @@ def prompt_length(processor: AudioProcessor, prompt: Prompt) -> int:
     return max(1, text_tokens + sum(processor.clip_num_tokens(n) for n in prompt.clip_samples))
 
 
-@torch.no_grad()
-def generate_batch(
-    model: AudioLLM, processor: AudioProcessor, conversations: list[list[dict]], settings: GenerationSettings
-) -> list[str]:
-    """Answer a batch of conversations (each ending before the reply); returns the stripped texts."""
-    batch = processor(conversations, add_generation_prompt=True)
-    device = model.device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    kwargs = settings.to_generate_kwargs(processor.tokenizer, getattr(model.llm, "generation_config", None))
-    ids = model.generate(**batch, **kwargs)
-    return [text.strip() for text in processor.batch_decode(ids)]
-
-
 def _audio_paths(conversation: list[dict]) -> list[str]:
     return [
         p["audio"]
@@ -211,7 +199,7 @@ ResultFn = Callable[[Prompt, str | None, str | None], None]  # (prompt, output, 
 def _answer(model, processor, prompts: list[Prompt], settings: GenerationSettings, on_result: ResultFn) -> None:
     """Answer prompts as one batch; if that fails, one at a time so only the bad line is an error."""
     try:
-        outputs = generate_batch(model, processor, [p.conversation for p in prompts], settings)
+        outputs = answer_conversations(model, processor, [p.conversation for p in prompts], settings)
     except LINE_ERRORS as err:
         if len(prompts) == 1:
             on_result(prompts[0], None, _error_text(err, prompts[0]))
@@ -230,7 +218,7 @@ def run_prompts(
     settings: GenerationSettings,
     on_result: ResultFn,
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     desc: str = "generate",
     progress: bool = True,
 ) -> None:
@@ -252,22 +240,15 @@ def run_prompts(
             bar.update(len(batch))
 
 
-def resolve_model(
-    model: ModelSpec, device: str | None = None, dtype: str | None = None
-) -> tuple[AudioLLM, AudioProcessor]:
-    """A loaded (model, processor) pair: a checkpoint folder is placed as `eardrum chat` places it
-    (device default cuda when available, dtype "auto"); a given pair is moved to `device` if one is named."""
-    if isinstance(model, tuple):
-        if dtype is not None:
-            raise ValueError("dtype: only applies when loading a checkpoint folder; cast the given model yourself")
-        loaded, processor = model
-        if device is not None:
-            loaded.to(device)
-    else:
-        from .chat import AudioChat
-
-        chat = AudioChat.from_pretrained(model, device=device, dtype=dtype)
-        loaded, processor = chat.model, chat.processor
+def resolve_model(model: ModelSpec, placement: Placement | None = None) -> tuple[AudioLLM, AudioProcessor]:
+    """A loaded (model, processor) pair: a checkpoint folder is loaded by `load_placed` (default placement:
+    the GPU when there is one, dtype "auto"), as `eardrum chat` loads it; a given pair is placed only
+    when a placement is given."""
+    if not isinstance(model, tuple):
+        return load_placed(model, placement or Placement())
+    loaded, processor = model
+    if placement is not None:
+        place_model(loaded, placement)
     return loaded.eval(), processor
 
 
@@ -321,12 +302,11 @@ def generate_manifest(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     settings: GenerationSettings | None = None,
     task: str | None = None,
     prompt: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
+    placement: Placement | None = None,
     progress: bool = True,
 ) -> dict:
     """Answer every line of a manifest into a JSONL file, resuming where an earlier run stopped.
@@ -338,7 +318,7 @@ def generate_manifest(
         batch_size: prompts per `generate` call.
         settings: decoding settings (default: greedy, `GenerationSettings()`'s length).
         task, prompt: force the task of every line; the prompt of asr / caption lines.
-        device, dtype: where and in which precision to run a checkpoint folder (see `resolve_model`).
+        placement: where and in which precision to run the model (see `resolve_model`).
         progress: show a progress bar.
 
     Returns:
@@ -370,7 +350,7 @@ def generate_manifest(
             write(output_row(p.line, p.where, p.raw, **({"output": output} if error is None else {"error": error})))
 
         if todo:  # nothing left to answer: no need to load the model
-            loaded, processor = resolve_model(model, device, dtype)
+            loaded, processor = resolve_model(model, placement)
             run_prompts(loaded, processor, todo, settings, on_result, batch_size=batch_size, progress=progress)
     lines = len(prompts) + len(errors)
     skipped = lines - len(todo) - len(new_errors)

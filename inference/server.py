@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
-import torch
 import uvicorn
 from jinja2 import TemplateError
 from starlette.applications import Starlette
@@ -39,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eardrum.adapters.audio import SAMPLING_RATE, AudioError, AudioTooLongError, load_audio
+from eardrum.adapters.placement import Placement, load_placed
 from eardrum.adapters.processor import AudioProcessor, ConversationError
 
 from .batch_engine import GenerationEngine, Job
@@ -55,34 +55,9 @@ from .openai_schema import (
     sse,
     usage_body,
 )
+from .server_settings import ServerSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What one server serves and the limits it enforces."""
-
-    model_name: str  # the id clients must send as `model`
-    max_batch: int = 8  # requests per generate call
-    batch_wait_ms: float = 5.0  # how long the oldest request waits for others to share its batch
-    max_new_tokens: int = 512  # larger max_tokens are capped to this
-    max_request_bytes: int = 25_000_000  # larger bodies get 413
-    max_audio_seconds: float = 600.0  # per request, all clips together
-
-    def validate(self) -> None:
-        """Raise one ValueError listing every setting out of range."""
-        problems = [
-            f"{name}: expected a positive number, got {getattr(self, name)!r}"
-            for name in ("max_batch", "max_new_tokens", "max_request_bytes", "max_audio_seconds")
-            if not getattr(self, name) > 0
-        ]
-        if not self.batch_wait_ms >= 0:
-            problems.append(f"batch_wait_ms: expected a number >= 0, got {self.batch_wait_ms!r}")
-        if not self.model_name:
-            problems.append("model_name: expected a non-empty name")
-        if problems:
-            raise ValueError("invalid server settings: " + "; ".join(problems))
 
 
 def decode_request_audio(messages: list[dict], max_seconds: float) -> list[dict]:
@@ -307,19 +282,20 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def serve(
-    model_dir: str, sock: socket.socket, settings: ServerSettings, *, device: str = "auto", log_level: str = "info"
+    model_dir: str,
+    sock: socket.socket,
+    settings: ServerSettings,
+    *,
+    placement: Placement | None = None,
+    log_level: str = "info",
 ) -> None:
-    """Load the checkpoint in `model_dir` onto `device` and serve it on `sock` (bound, listening) until stopped."""
-    from eardrum.adapters.checkpoint import load_pretrained
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_pretrained(model_dir)
-    model.to(torch.device(device)).eval()
+    """Load the checkpoint in `model_dir` (placed by `load_placed`) and serve it on `sock` (bound, listening)
+    until stopped."""
+    model, processor = load_placed(model_dir, placement or Placement())
     app = create_app(model, processor, settings)
     host, port = sock.getsockname()[:2]
     print(
-        f"eardrum serve: {settings.model_name!r} on http://{host}:{port} ({device}, up to {settings.max_batch} "
+        f"eardrum serve: {settings.model_name!r} on http://{host}:{port} ({model.device}, up to {settings.max_batch} "
         "requests per batch)",
         flush=True,
     )

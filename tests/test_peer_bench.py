@@ -22,7 +22,8 @@ from eardrum.adapters.encoders import AudioFeaturizer, build_speech_encoder
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
 from eardrum.adapters.projectors import ProjectorConfig, build_projector
-from eardrum.inference.chat import GenerationSettings, GenerationSettingsError
+from eardrum.common.decoding import generate_kwargs
+from eardrum.common.generation import GenerationSettings, GenerationSettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -171,7 +172,7 @@ def test_fast_generation_refuses_another_cache(tiny_model):
 
 def test_generation_settings_pass_fast_on_only_when_set():
     tok = build_tokenizer("chatml")
-    assert GenerationSettings(fast=True).to_generate_kwargs(tok)["fast"] is True
-    assert "fast" not in GenerationSettings().to_generate_kwargs(tok)
+    assert generate_kwargs(GenerationSettings(fast=True), tok)["fast"] is True
+    assert "fast" not in generate_kwargs(GenerationSettings(), tok)
     with pytest.raises(GenerationSettingsError, match="fast"):
         GenerationSettings(fast="yes").validate()

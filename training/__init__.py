@@ -1,1 +1,1 @@
-"""eardrum.training: data, recipes, LoRA/QLoRA and accelerate."""
+"""eardrum.training: recipes, feature cache, LoRA/QLoRA, the loop under accelerate, distillation."""

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from eardrum.adapters.model import AudioLLM, labelled_positions, takes_logits_to_keep
 from eardrum.adapters.processor import AudioProcessor, text_in_place_of_audio
+from eardrum.common.decoding import answer_conversations
+from eardrum.common.generation import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +73,6 @@ def audio_prompt(item: dict) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
-@torch.no_grad()
-def answer_as_text(
-    model: AudioLLM, processor: AudioProcessor, prompts: list[list[dict]], max_new_tokens: int = 64
-) -> list[str]:
-    """Greedy answers of the LLM to text-only conversations (no audio involved)."""
-    batch = processor(prompts, add_generation_prompt=True)
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    ids = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
-    )
-    return [a.strip() for a in processor.batch_decode(ids)]
-
-
 def distill_manifest(
     model: AudioLLM,
     processor: AudioProcessor,
@@ -104,13 +93,14 @@ def distill_manifest(
     if out.is_file():
         done = {json.loads(line)["source_line"] for line in out.read_text().splitlines() if line.strip()}
     todo = [(n, item) for n, item in items if n not in done]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)  # greedy: the LLM's likeliest answer
     written = empty = 0
     was_training = model.training
     model.eval()
     with out.open("a") as f:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            answers = answer_as_text(model, processor, [text_prompt(item) for _, item in chunk], max_new_tokens)
+            answers = answer_conversations(model, processor, [text_prompt(item) for _, item in chunk], settings)
             for (n, item), answer in zip(chunk, answers):
                 if not answer:
                     empty += 1

@@ -6,6 +6,8 @@ import torch
 
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
+from eardrum.common.decoding import generate_tokens
+from eardrum.common.generation import GenerationSettings
 from eardrum.common.metrics import bleu, contains_answer, exact_match, word_error_rate
 from eardrum.common.records import Record
 
@@ -31,17 +33,18 @@ def eval_loss(model: AudioLLM, collate: Collator, batch_size: int, cache) -> flo
 
 @torch.no_grad()
 def generate_answers(
-    model: AudioLLM, collate: Collator, indices: list[int], max_new_tokens: int, cache, batch_size: int = 8
+    model: AudioLLM, collate: Collator, indices: list[int], settings: GenerationSettings, cache, batch_size: int = 8
 ) -> list[str]:
-    """Greedy answers to each record's conversation without its last assistant turn."""
+    """Answers (stripped) to each record's conversation without its last assistant turn, through the one
+    decoding path; with a feature cache the encoder frames come from it instead of being recomputed."""
     answers = []
-    pad = collate.processor.tokenizer.pad_token_id or 0
+    processor = collate.processor
     for start in range(0, len(indices), batch_size):
         convs = [collate.conversation(i)[:-1] for i in indices[start : start + batch_size]]
-        batch = collate.processor(convs, add_generation_prompt=True, featurize=cache is None)
-        batch = model_inputs(batch, model, collate.processor, cache)
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        answers += [a.strip() for a in collate.processor.batch_decode(ids)]
+        batch = processor(convs, add_generation_prompt=True, featurize=cache is None)
+        batch = model_inputs(batch, model, processor, cache)
+        ids = generate_tokens(model, processor.tokenizer, batch, settings)  # (B, T_new)
+        answers += [a.strip() for a in processor.batch_decode(ids)]
     return answers
 
 
@@ -59,11 +62,12 @@ def evaluate(
     collate = Collator(processor, records, prompts, recipe.train.seed, featurize=cache is None, skip_bad=True)
     result = {"loss": eval_loss(model, collate, recipe.data.batch_size or 8, cache)}
     limit = recipe.train.eval_generate_limit
+    settings = GenerationSettings(max_new_tokens=recipe.train.eval_max_new_tokens)  # greedy
     for task in ("asr", "caption", "qa"):
         chosen = [i for i, r in enumerate(records) if r.task == task][:limit]
         if not chosen:
             continue
-        answers = generate_answers(model, collate, chosen, recipe.train.eval_max_new_tokens, cache)
+        answers = generate_answers(model, collate, chosen, settings, cache)
         refs = [collate.conversation(i)[-1]["content"] for i in chosen]
         if task == "asr":
             result["wer"] = word_error_rate(refs, answers)["wer"]

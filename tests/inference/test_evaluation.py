@@ -46,7 +46,7 @@ def answers(monkeypatch):
             keys.append(os.path.basename(first["audio"]) if first["type"] == "audio" else first["text"])
         return [table[k] for k in keys]
 
-    monkeypatch.setattr(generate, "generate_batch", fake)
+    monkeypatch.setattr(generate, "answer_conversations", fake)
     return table
 
 

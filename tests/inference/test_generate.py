@@ -126,13 +126,13 @@ def test_rerun_after_truncation_generates_only_the_missing_lines(pair, data, tmp
     kept = out.read_text().splitlines(keepends=True)[:2]
     out.write_text("".join(kept) + '{"line": 99, "outp')  # a third line cut off mid-write
     asked = []
-    real = generate.generate_batch
+    real = generate.answer_conversations
 
     def counting(model, processor, conversations, settings):
         asked.extend(c[0]["content"][0]["audio"] for c in conversations)
         return real(model, processor, conversations, settings)
 
-    monkeypatch.setattr(generate, "generate_batch", counting)
+    monkeypatch.setattr(generate, "answer_conversations", counting)
     summary = generate_manifest(pair, manifest, out, batch_size=2, settings=SETTINGS, progress=False)
     assert (summary["done"], summary["skipped"], summary["errors"]) == (5, 2, 0)
     assert len(asked) == 5
@@ -170,8 +170,8 @@ def test_bad_audio_and_bad_lines_are_error_lines_and_the_rest_succeed(pair, data
         ],
     )
     calls = []
-    real = generate.generate_batch
-    monkeypatch.setattr(generate, "generate_batch", lambda m, p, c, s: calls.append(len(c)) or real(m, p, c, s))
+    real = generate.answer_conversations
+    monkeypatch.setattr(generate, "answer_conversations", lambda m, p, c, s: calls.append(len(c)) or real(m, p, c, s))
     summary = generate_manifest(pair, manifest, out, batch_size=8, settings=SETTINGS, progress=False)
     assert (summary["lines"], summary["done"], summary["errors"]) == (6, 2, 4)
     assert calls == [3, 1, 1, 1]  # the batch holding nan.wav fails, then each line is tried alone

@@ -31,6 +31,8 @@ from openai import OpenAI
 from eardrum.adapters.checkpoint import load_pretrained
 from eardrum.adapters.tiny import TINY_SOUNDS, synth_sound
 from eardrum.cli.serve import listen
+from eardrum.common.decoding import generate_tokens, stop_token_ids
+from eardrum.common.generation import GenerationSettings
 from eardrum.demo.smoke import QUESTION, run_smoke
 from eardrum.inference.server import ServerSettings, create_app
 
@@ -121,19 +123,19 @@ def client(server) -> OpenAI:
 
 @pytest.fixture(scope="module")
 def direct(checkpoint):
-    """Answer as the model called directly: (text, prompt tokens, new tokens up to and with end of turn)."""
+    """Answer through the decoding path, one request alone: (text, prompt tokens, new tokens up to and with
+    end of turn)."""
     model, processor = load_pretrained(checkpoint)
-    eos = model.llm.generation_config.eos_token_id
+    stops = stop_token_ids(processor.tokenizer, model.llm.generation_config)
 
     def answer(wav: bytes, max_tokens: int = MAX_NEW_TOKENS) -> tuple[str, int, int]:
         content = [{"type": "audio", "audio": wav}, {"type": "text", "text": QUESTION}]
         conversation = [{"role": "user", "content": content}]
         batch = processor([conversation], add_generation_prompt=True)
-        ids = model.generate(
-            **batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
-        )[0].tolist()
-        used = ids.index(eos) + 1 if eos in ids else len(ids)
-        return processor.batch_decode([ids])[0], batch["input_ids"].shape[1], used
+        settings = GenerationSettings(max_new_tokens=max_tokens)
+        ids = generate_tokens(model, processor.tokenizer, batch, settings)[0].tolist()
+        used = next((k + 1 for k, i in enumerate(ids) if i in stops), len(ids))
+        return processor.batch_decode([ids[:used]])[0].strip(), batch["input_ids"].shape[1], used
 
     answer.model, answer.processor = model, processor
     return answer

@@ -10,8 +10,10 @@ import torch
 
 from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
+from eardrum.common.decoding import answer_conversations
+from eardrum.common.generation import GenerationSettings
 from eardrum.common.records import DataSource, load_records
-from eardrum.training.distill import DistillError, answer_as_text, distill_manifest, text_prompt
+from eardrum.training.distill import DistillError, distill_manifest, text_prompt
 
 DATA = Path(__file__).resolve().parents[2] / "tests" / "assets" / "tiny_data"
 
@@ -38,7 +40,9 @@ def test_targets_are_the_llms_own_text_answers(built, tmp_path):
     assert stats["items"] == 5 and stats["written"] + stats["empty"] == 5 and len(rows) == stats["written"]
     for row in rows:
         item = {"transcript": row["transcript"], "audio": row["messages"][0]["content"][0]["audio"]}
-        assert row["messages"][-1]["content"] == answer_as_text(model, processor, [text_prompt(item)], 5)[0]
+        settings = GenerationSettings(max_new_tokens=5)
+        answer = answer_conversations(model, processor, [text_prompt(item)], settings)[0]
+        assert row["messages"][-1]["content"] == answer
         assert row["messages"][0]["content"][0]["type"] == "audio"
     records, problems = load_records([DataSource(path=str(tmp_path / "out.jsonl"))])
     assert not problems and len(records) == len(rows) and {r.task for r in records} == {"chat"}

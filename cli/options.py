@@ -1,0 +1,69 @@
+"""Command-line options that mirror settings dataclasses: each default is read from its dataclass field.
+
+The settings modules import nothing heavy, so building the parser stays quick and transformers is not
+loaded before `main` has set its environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+from eardrum.adapters.placement import AUTO, DTYPE_NAMES, QUANTIZATIONS, Placement
+from eardrum.common.generation import GenerationSettings
+
+
+def field_default(cls: type, name: str):
+    """The default of dataclass `cls`'s field `name` (the one place each default is declared)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is MISSING:
+                raise ValueError(f"{cls.__name__}.{name} has no default")
+            return f.default
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-p, --repetition-penalty, --seed (`GenerationSettings`)."""
+    group = parser.add_argument_group("generation")
+    default = lambda name: field_default(GenerationSettings, name)  # noqa: E731
+    group.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"), help="(default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=default("temperature"), help="0 = greedy (the default)")
+    group.add_argument("--top-p", type=float, default=default("top_p"), help="nucleus sampling, with --temperature > 0")
+    penalty = default("repetition_penalty")
+    group.add_argument("--repetition-penalty", type=float, default=penalty, help="> 1 discourages repeats; 1 = off")
+    group.add_argument("--seed", type=int, default=default("seed"), help="makes sampling reproducible")
+
+
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The `GenerationSettings` the options ask for (not yet validated: `validate()` lists every bad value)."""
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --quantization (`eardrum.adapters.placement.Placement`)."""
+    group = parser.add_argument_group("placement")
+    group.add_argument(
+        "--device", default=field_default(Placement, "device"), help="auto (cuda if available, else cpu), cpu, cuda, "
+        "cuda:N or mps (default: %(default)s)"
+    )
+    group.add_argument("--dtype", default=field_default(Placement, "dtype"), choices=[AUTO, *DTYPE_NAMES])
+    group.add_argument(
+        "--quantization",
+        default=field_default(Placement, "quantization"),
+        choices=[q for q in QUANTIZATIONS if q is not None],
+        help="load the LLM quantized (bitsandbytes)",
+    )
+
+
+def placement(args: argparse.Namespace) -> Placement:
+    """The `Placement` the options ask for, checked (a `PlacementError` names every bad value)."""
+    chosen = Placement(device=args.device, dtype=args.dtype, quantization=args.quantization)
+    chosen.validate()
+    return chosen

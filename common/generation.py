@@ -1,0 +1,65 @@
+"""How answers are generated: `GenerationSettings`, the defaults every entry point reads.
+
+Chat, `eardrum ask`/`chat`/`generate`/`eval`, the server's requests, training-time evaluation,
+self-distillation and the smoke run all decode through `eardrum.common.decoding`, with these settings.
+This module imports nothing heavy, so the command line can read the defaults before torch loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BATCH_SIZE = 8  # prompts per generate call when a whole manifest is answered (`eardrum generate`, `eardrum eval`)
+
+
+class GenerationSettingsError(ValueError):
+    """Invalid generation settings; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are generated."""
+
+    max_new_tokens: int = 256  # the answer stops here even without an end-of-turn token
+    temperature: float = 0.0  # 0 = greedy (deterministic); > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # sample only among the most likely tokens whose probabilities add up to top_p
+    repetition_penalty: float = 1.0  # > 1 makes tokens already generated less likely; 1 = off
+    seed: int | None = None  # seeds sampling: the same prompt and seed give the same answer
+    fast: bool = False  # static KV cache; on CUDA the decoding step is compiled (the first answer of a shape compiles)
+
+    def problems(self) -> list[str]:
+        """Every problem with these settings (empty when valid)."""
+        out = []
+        if not _is_count(self.max_new_tokens) or self.max_new_tokens < 1:
+            out.append(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            out.append(f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            out.append(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_count(self.seed) or self.seed < 0):
+            out.append(f"seed: expected a non-negative integer or None, got {self.seed!r}")
+        if not isinstance(self.fast, bool):
+            out.append(f"fast: expected True or False, got {self.fast!r}")
+        return out
+
+    def validate(self) -> None:
+        """Raise `GenerationSettingsError` listing every problem at once."""
+        problems = self.problems()
+        if problems:
+            raise GenerationSettingsError("invalid generation settings: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether each answer takes the likeliest token at every step."""
+        return self.temperature == 0
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,32 @@
+"""What one `eardrum serve` serves and the limits it enforces: `ServerSettings`, whose defaults the
+command line reads. Imports nothing heavy, so `eardrum serve` checks its arguments before torch loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one server serves and the limits it enforces."""
+
+    model_name: str  # the id clients must send as `model`
+    max_batch: int = 8  # requests per generate call
+    batch_wait_ms: float = 5.0  # how long the oldest request waits for others to share its batch
+    max_new_tokens: int = 512  # larger max_tokens are capped to this
+    max_request_bytes: int = 25_000_000  # larger bodies get 413
+    max_audio_seconds: float = 600.0  # per request, all clips together
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every setting out of range."""
+        problems = [
+            f"{name}: expected a positive number, got {getattr(self, name)!r}"
+            for name in ("max_batch", "max_new_tokens", "max_request_bytes", "max_audio_seconds")
+            if not getattr(self, name) > 0
+        ]
+        if not self.batch_wait_ms >= 0:
+            problems.append(f"batch_wait_ms: expected a number >= 0, got {self.batch_wait_ms!r}")
+        if not self.model_name:
+            problems.append("model_name: expected a non-empty name")
+        if problems:
+            raise ValueError("invalid server settings: " + "; ".join(problems))
