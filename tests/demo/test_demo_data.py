@@ -6,9 +6,9 @@ real command line where the batching logic is tested.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -21,12 +21,19 @@ import soundfile as sf
 
 from eardrum.common.records import DataSource, load_records
 from eardrum.demo.data import (
+    ESPEAK_TEST_VOICES,
+    ESPEAK_TRAIN_ACCENTS,
+    ESPEAK_TRAIN_VARIANTS,
+    NO_SPEECH,
+    NOSPEECH_KINDS,
     QUICK_SIZES,
     DemoSizes,
     SpeechSynthesiser,
     Voice,
+    augment_speech,
     build_demo_data,
     espeak_speak,
+    nospeech_clip,
     piper_speak,
     render_events,
     score_caption_events,
@@ -42,7 +49,8 @@ from eardrum.demo.text import (
 )
 
 SMALL = DemoSizes(
-    asr_train=24, asr_test=8, qa_train=20, qa_test=10, sound_train=16, sound_test=8, animal_variants=3, chat_train=8
+    asr_train=24, asr_test=8, qa_train=20, qa_test=10, sound_train=16, sound_test=8, animal_variants=3, chat_train=8,
+    nospeech_train=6, nospeech_test=5,
 )
 
 
@@ -103,7 +111,7 @@ def test_same_seed_gives_identical_manifests_and_audio(tmp_path, animals, built)
     assert first.name == second.name
     files = folder_bytes(first)
     assert files == folder_bytes(second)
-    assert sum(name.endswith(".wav") for name in files) == 24 + 8 + 20 + 10 + 16 + 8 + 2 * 3
+    assert sum(name.endswith(".wav") for name in files) == 24 + 8 + 20 + 10 + 16 + 8 + 2 * 3 + 6 + 5
 
 
 def test_another_seed_gives_other_texts_and_another_folder(tmp_path, animals, built):
@@ -113,7 +121,7 @@ def test_another_seed_gives_other_texts_and_another_folder(tmp_path, animals, bu
 
 
 def test_manifests_load_with_zero_problems(built):
-    tasks = {"asr": "asr", "qa": "qa", "caption": "caption", "chat": "chat"}
+    tasks = {"asr": "asr", "qa": "qa", "caption": "caption", "chat": "chat", "nospeech": "asr"}
     for name, path in built.items():
         records, problems = load_records([DataSource(path=str(path))])
         assert problems == []
@@ -124,13 +132,14 @@ def test_manifests_load_with_zero_problems(built):
 def test_counts_follow_the_sizes(built):
     counts = {name: len(rows(path)) for name, path in built.items()}
     assert counts == {
-        "asr_train": 24,
+        "asr_train": 24 + 6,
         "asr_test": 8,
         "qa_train": 20,
         "qa_test": 10,
         "caption_train": 16 + 2 * 2,
         "caption_test": 8 + 2,
         "chat_train": 8,
+        "nospeech_test": 5,
     }
     meta = json.loads((built["asr_train"].parent / "meta.json").read_text())
     assert meta["sizes"] == asdict(SMALL) and meta["counts"] == counts
@@ -173,7 +182,9 @@ def test_held_out_speech_uses_only_the_held_out_voice(built):
     for name in ("asr_test", "qa_test"):
         assert {r["voice"] for r in rows(built[name])} == {"tones:c@1"}
     for name in ("asr_train", "qa_train"):
-        assert {r["voice"] for r in rows(built[name])} <= {"tones:a@0.9", "tones:b@1.15"}
+        speech = [r for r in rows(built[name]) if r.get("text") != NO_SPEECH]
+        assert {r["voice"] for r in speech} <= {"tones:a@0.9", "tones:b@1.15"}
+    assert not [r for r in rows(built["asr_train"]) if r["text"] == NO_SPEECH and "voice" in r]
 
 
 def test_qa_rows_hold_the_spoken_question_and_accepted_answers(built):
@@ -241,7 +252,8 @@ def test_quick_build_has_a_few_hundred_items(tmp_path, animals):
     assert 200 <= total <= 500
     paths = build_demo_data(tmp_path, animals, quick=True, synthesiser=ToneSynthesiser(), progress=False)
     counts = {name: len(rows(path)) for name, path in paths.items()}
-    assert counts["asr_train"] == QUICK_SIZES.asr_train and counts["qa_test"] == QUICK_SIZES.qa_test
+    assert counts["asr_train"] == QUICK_SIZES.asr_train + QUICK_SIZES.nospeech_train
+    assert counts["qa_test"] == QUICK_SIZES.qa_test and counts["nospeech_test"] == QUICK_SIZES.nospeech_test
     assert counts["caption_train"] == QUICK_SIZES.sound_train + 2 * (QUICK_SIZES.animal_variants - 1)
 
 
@@ -307,21 +319,61 @@ def test_piper_speak_keeps_the_order_of_the_texts(tmp_path):
         piper_speak(assets, ["two\nlines"])
 
 
-def test_espeak_takes_a_quarter_of_training_speech_and_piper_keeps_held_out(tmp_path):
+def test_espeak_weighs_as_much_as_piper_in_training_and_held_out_voices_are_never_trained_on(tmp_path):
     voice = tmp_path / "en_US-joe-medium.onnx"
     voice.write_bytes(b"onnx")
     piper_only = SpeechSynthesiser(SimpleNamespace(voice=voice), espeak=False)
     assert [v.key for v in piper_only.voices()[0]] == ["piper:en_US-joe-medium@0.9", "piper:en_US-joe-medium@1.15"]
-    assert [v.key for v in piper_only.voices()[1]] == ["piper:en_US-joe-medium@1"]
-    mixed = SpeechSynthesiser(SimpleNamespace(voice=voice), espeak="/usr/bin/espeak-ng")
+    mixed = SpeechSynthesiser(SimpleNamespace(voice=voice))
     train, test = mixed.voices()
     espeak_weight = sum(v.weight for v in train if v.engine == "espeak")
-    assert espeak_weight / sum(v.weight for v in train) == pytest.approx(0.25)
-    assert test == piper_only.voices()[1] and mixed.key != piper_only.key
+    assert espeak_weight / sum(v.weight for v in train) == pytest.approx(0.5)
+    assert len({v.name for v in train if v.engine == "espeak"}) == 60 and mixed.key != piper_only.key
+    assert [v.key for v in test] == ["espeak:en-029+m4@0.9", "espeak:en-gb-x-gbcwmd+f3@0.9", "espeak:en-us+f3@0.9"]
+    trained_accents = {v.name.split("+")[0] for v in train if v.engine == "espeak"}
+    trained_variants = {v.name.split("+")[1] for v in train if v.engine == "espeak"}
+    for held in test:  # each held-out voice has an accent or a variant (or both) that no training clip has
+        accent, variant = held.name.split("+")
+        assert variant not in trained_variants and held.key not in {v.key for v in train}
+    assert {"en-029", "en-gb-x-gbcwmd"}.isdisjoint(trained_accents)
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_espeak_speaks_each_text_at_16k():
-    clips = espeak_speak(["Hello there.", "The train to Paris leaves at ten o'clock."], "en-us")
+def test_training_speech_is_augmented_deterministically_and_held_out_speech_is_not():
+    wave = (0.3 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000)).astype(np.float32)
+    outs = [augment_speech(wave, seed) for seed in range(12)]
+    assert all(np.array_equal(augment_speech(wave, seed), out) for seed, out in enumerate(outs))
+    assert sum(np.array_equal(out, wave) for out in outs) >= 1  # a share stays as spoken
+    assert len({len(out) for out in outs}) > 4  # speed perturbation and padding change the length
+    assert all(out.dtype == np.float32 and np.abs(out).max() <= 1.0 for out in outs)
+
+
+def test_nospeech_clips_hold_no_speech_and_are_transcribed_as_no_speech(built):
+    train = [r for r in rows(built["asr_train"]) if r["text"] == NO_SPEECH]
+    test = rows(built["nospeech_test"])
+    assert len(train) == 6 and len(test) == 5 and all(r["text"] == NO_SPEECH for r in test)
+    assert {r["kind"] for r in train} == set(NOSPEECH_KINDS) and "animal" not in {r["kind"] for r in test}
+    silence = nospeech_clip("silence", 3)
+    assert silence.dtype == np.float32 and not silence.any() and 1.0 <= len(silence) / 16000 <= 4.0
+    assert 0.001 < float(np.std(nospeech_clip("room tone", 3))) < 0.03
+
+
+ESPEAK = importlib.util.find_spec("espeakng_loader")
+
+
+@pytest.mark.skipif(ESPEAK is None, reason="espeakng-loader is not installed (pip install -e '.[test]')")
+def test_espeak_speaks_each_text_at_16k_in_every_demo_voice_and_names_a_missing_one():
+    from eardrum.demo.assets import espeak_files
+
+    library, data = espeak_files(Path(ESPEAK.origin).parent)
+    assets = SimpleNamespace(espeak_library=library, espeak_data=data)
+    texts = ["Hello there.", "The train to Paris leaves at ten o'clock."]
+    clips = espeak_speak(texts, Voice("espeak", "en-us+m1", 0.9, pitch=65), assets)
     assert [c.dtype for c in clips] == [np.float32, np.float32]
     assert 0.3 < len(clips[0]) / 16000 < len(clips[1]) / 16000 < 6
+    names = [f"{a}+{ESPEAK_TRAIN_VARIANTS[k % len(ESPEAK_TRAIN_VARIANTS)]}" for k, a in enumerate(ESPEAK_TRAIN_ACCENTS)]
+    names += [f"en-us+{v}" for v in ESPEAK_TRAIN_VARIANTS] + list(ESPEAK_TEST_VOICES)
+    for name in names:  # every accent and variant the demo uses exists (espeak-ng falls back silently otherwise)
+        assert len(espeak_speak(["Yes."], Voice("espeak", name), assets)) == 1
+    with pytest.raises(RuntimeError, match="no voice variant 'zz'"):
+        espeak_speak(["Yes."], Voice("espeak", "en-us+zz"), assets)
+
