@@ -609,7 +609,8 @@ def _generate(
     """Writes every clip into `root`; returns the manifests' rows and the build's metadata."""
     rows, jobs, asr_train = _speech_rows(seed, sizes, synth)
     train_voices, test_voices = synth.voices()
-    _say(progress, f"demo data: speaking {len(jobs)} texts ({', '.join(v.key for v in train_voices + test_voices)})")
+    held_out = ", ".join(v.key for v in test_voices)
+    _say(progress, f"demo data: speaking {len(jobs)} texts in {len(train_voices)} training voices; held out {held_out}")
     speech = _speak(root, jobs, synth, workers, progress)
     rate = f"{speech['times_real_time']}x real time"
     _say(progress, f"demo data: {speech['audio_seconds']} s of speech in {speech['wall_seconds']} s ({rate})")
