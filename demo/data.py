@@ -12,7 +12,9 @@ training clip uses: two accents (Caribbean, West Midlands) and two variants (m4,
 on. Training clips are augmented (speed perturbation, which moves pitch and formants like another
 speaker; background noise; level), held-out clips are clean. Held-out sentences and questions are
 strings that never occur in training. Clips without speech (silence, room tone, noise, sounds) teach
-and measure the answer "no speech" to a request for a transcript (`nospeech_test`).
+and measure the answer "no speech" to a request for a transcript (`nospeech_test`); a quarter of the
+spoken training questions are also asked to be transcribed, so the instruction decides whether a
+question is answered or transcribed (`questions_asr_test`: held-out spoken questions to transcribe).
 
 A build is deterministic given its seed and cached by a content key (seed, generator version, sizes,
 voices): `build_demo_data` returns at once when `<out_dir>/demo-<key>/` is already complete.
@@ -66,7 +68,10 @@ __all__ = [
 
 GENERATOR_VERSION = 4  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
-MANIFESTS = tuple("asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test".split())
+MANIFESTS = tuple(
+    "asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test questions_asr_test".split()
+)
+QUESTIONS_TO_TRANSCRIBE = 0.25  # share of the spoken training questions also asked to be transcribed
 NO_SPEECH = "There is no speech in this recording."  # the transcript of a clip without speech
 
 
@@ -568,6 +573,17 @@ def _sound_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path
     return rows
 
 
+def _as_transcription(qa_row: dict) -> dict:
+    """A spoken-question row as a transcription row: the same clip, its transcript as the text."""
+    return {"audio": qa_row["audio"], "text": qa_row["transcript"], "voice": qa_row["voice"], "kind": "question"}
+
+
+def _questions_to_transcribe(qa_rows: list[dict], seed: int) -> list[dict]:
+    """`QUESTIONS_TO_TRANSCRIBE` of the spoken training questions, drawn by `seed`, as transcription rows."""
+    count = round(QUESTIONS_TO_TRANSCRIBE * len(qa_rows))
+    return [_as_transcription(row) for row in random.Random(f"questions-asr:{seed}").sample(qa_rows, count)]
+
+
 NOSPEECH_KINDS = ("silence", "room tone", "noise", "sounds", "animal")
 
 
@@ -617,8 +633,11 @@ def _generate(
     rows.update(_sound_rows(root, seed, sizes, animals))
     rows["chat_train"] = text.conversations(rows, asr_train, sizes.chat_train, seed)
     nospeech = _nospeech_rows(root, seed, sizes, animals)
-    rows["asr_train"] = rows["asr_train"] + nospeech["train"]  # after the conversations, which pair rows with sentences
+    # After the conversations, which pair asr rows with sentences: clips without speech, and spoken questions
+    # to transcribe (the same audio answered or transcribed as the instruction says, never what it likes).
+    rows["asr_train"] = rows["asr_train"] + nospeech["train"] + _questions_to_transcribe(rows["qa_train"], seed)
     rows["nospeech_test"] = nospeech["test"]
+    rows["questions_asr_test"] = [_as_transcription(row) for row in rows["qa_test"]]
     rows = {name: rows[name] for name in MANIFESTS}
     meta = {
         "seed": seed,

@@ -185,6 +185,7 @@ def format_results(results: dict) -> str:
         ("procedural sounds: order right", pct(cap["procedural_order_accuracy"])),
         ("animal sounds: right animal", pct(cap["animal_accuracy"])),
         ("clips without speech: an invented transcript", pct(results.get("no_speech", {}).get("invented_rate"))),
+        ("WER, held-out spoken questions asked to be transcribed", pct(results.get("questions_asr", {}).get("wer"))),
     ]
     for voice, row in results.get("asr_by_voice", {}).items():
         rows.append((f"WER, {voice} (Whisper's decoder: {pct(row['whisper_wer'])})", pct(row["wer"])))
@@ -255,6 +256,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     evaluate_manifest(loaded, data["nospeech_test"], "asr", batch_size=EVAL_BATCH_SIZE,
                       out_dir=out / "eval" / "nospeech", progress=False)
     lap("eval_no_speech")
+    evaluate_manifest(loaded, data["questions_asr_test"], "asr", batch_size=EVAL_BATCH_SIZE,
+                      out_dir=out / "eval" / "questions_asr", progress=False)
+    lap("eval_questions_asr")
     results = {
         "asr": {"wer": _eardrum_wer(out / "eval" / "asr"), "whisper_wer": reference["wer"],
                 "wer_plain_normaliser": asr["metrics"].get("wer")},
@@ -262,6 +266,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
                "text_shipped_llm": shipped["metrics"]["contains_answer"]},
         "captions": captions,
         "no_speech": no_speech_scores(out / "eval" / "nospeech", data["nospeech_test"]),
+        "questions_asr": {"wer": _eardrum_wer(out / "eval" / "questions_asr")},
         "asr_by_voice": per_voice_asr(out / "eval" / "asr", data["asr_test"], reference["examples"]),
         "qa_by_voice": per_voice_qa(out / "eval" / "qa", data["qa_test"]),
         "data": _data_card(data),

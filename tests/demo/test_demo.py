@@ -83,11 +83,12 @@ def test_invented_speech_on_clips_without_speech(tmp_path):
     table = format_results({"asr": {"wer": 0.1, "whisper_wer": 0.1}, "qa": {"audio": 0.5, "text": 0.5, "gap": 0},
                             "captions": {"procedural_count_accuracy": 1, "procedural_order_accuracy": 1,
                                          "animal_accuracy": 1},
-                            "no_speech": {"invented_rate": 0.25},
+                            "no_speech": {"invented_rate": 0.25}, "questions_asr": {"wer": 0.5},
                             "asr_by_voice": {"v1": {"wer": 0.2, "whisper_wer": 0.1}},
                             "qa_by_voice": {"v1": {"audio": 0.5, "text": 0.75}}})
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()}
     assert rows["clips without speech: an invented transcript"] == "25.0 %"
+    assert rows["WER, held-out spoken questions asked to be transcribed"] == "50.0 %"
     assert rows["WER, v1 (Whisper's decoder: 10.0 %)"] == "20.0 %"
     assert rows["spoken QA, v1 (as text: 75.0 %)"] == "50.0 %"
 
@@ -100,7 +101,7 @@ def test_demo_quick_end_to_end(tmp_path):
                              str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results) >= {"asr", "qa", "captions", "seconds", "no_speech", "asr_by_voice", "data"}
+    assert set(results) >= {"asr", "qa", "captions", "seconds", "no_speech", "questions_asr", "asr_by_voice", "data"}
     assert results["quick"] is True and set(results["asr_by_voice"]) == set(results["data"]["voices"]["test"])
     assert 0 <= results["qa"]["text_shipped_llm"] <= 1
     parts = results["seconds_by_part"]

@@ -121,7 +121,7 @@ def test_another_seed_gives_other_texts_and_another_folder(tmp_path, animals, bu
 
 
 def test_manifests_load_with_zero_problems(built):
-    tasks = {"asr": "asr", "qa": "qa", "caption": "caption", "chat": "chat", "nospeech": "asr"}
+    tasks = {"asr": "asr", "qa": "qa", "caption": "caption", "chat": "chat", "nospeech": "asr", "questions": "asr"}
     for name, path in built.items():
         records, problems = load_records([DataSource(path=str(path))])
         assert problems == []
@@ -132,7 +132,7 @@ def test_manifests_load_with_zero_problems(built):
 def test_counts_follow_the_sizes(built):
     counts = {name: len(rows(path)) for name, path in built.items()}
     assert counts == {
-        "asr_train": 24 + 6,
+        "asr_train": 24 + 6 + 5,  # sentences, clips without speech, a quarter of the spoken questions
         "asr_test": 8,
         "qa_train": 20,
         "qa_test": 10,
@@ -140,6 +140,7 @@ def test_counts_follow_the_sizes(built):
         "caption_test": 8 + 2,
         "chat_train": 8,
         "nospeech_test": 5,
+        "questions_asr_test": 10,
     }
     meta = json.loads((built["asr_train"].parent / "meta.json").read_text())
     assert meta["sizes"] == asdict(SMALL) and meta["counts"] == counts
@@ -252,7 +253,7 @@ def test_quick_build_has_a_few_hundred_items(tmp_path, animals):
     assert 200 <= total <= 500
     paths = build_demo_data(tmp_path, animals, quick=True, synthesiser=ToneSynthesiser(), progress=False)
     counts = {name: len(rows(path)) for name, path in paths.items()}
-    assert counts["asr_train"] == QUICK_SIZES.asr_train + QUICK_SIZES.nospeech_train
+    assert counts["asr_train"] == QUICK_SIZES.asr_train + QUICK_SIZES.nospeech_train + QUICK_SIZES.qa_train // 4
     assert counts["qa_test"] == QUICK_SIZES.qa_test and counts["nospeech_test"] == QUICK_SIZES.nospeech_test
     assert counts["caption_train"] == QUICK_SIZES.sound_train + 2 * (QUICK_SIZES.animal_variants - 1)
 
@@ -355,6 +356,16 @@ def test_nospeech_clips_hold_no_speech_and_are_transcribed_as_no_speech(built):
     silence = nospeech_clip("silence", 3)
     assert silence.dtype == np.float32 and not silence.any() and 1.0 <= len(silence) / 16000 <= 4.0
     assert 0.001 < float(np.std(nospeech_clip("room tone", 3))) < 0.03
+
+
+def test_spoken_questions_are_also_transcribed_and_held_out_ones_are_only_tested(built):
+    qa_train = {r["audio"]: r for r in rows(built["qa_train"])}
+    asked = [r for r in rows(built["asr_train"]) if r.get("kind") == "question"]
+    assert len(asked) == 5 and all(r["text"] == qa_train[r["audio"]]["transcript"] for r in asked)
+    qa_test = rows(built["qa_test"])
+    assert [(r["audio"], r["text"], r["voice"]) for r in rows(built["questions_asr_test"])] == [
+        (r["audio"], r["transcript"], r["voice"]) for r in qa_test]
+    assert not {r["audio"] for r in qa_test} & {r["audio"] for r in rows(built["asr_train"])}
 
 
 ESPEAK = importlib.util.find_spec("espeakng_loader")
