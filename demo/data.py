@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -458,6 +459,7 @@ def _speak(root: Path, jobs: list[tuple[str, Voice, str]], synth: Synthesiser, w
     bar = tqdm(total=len(jobs), unit="clip", desc="speech", disable=not progress, file=sys.stderr)
 
     card: dict[str, dict[str, dict[str, float]]] = {"train": {}, "test": {}}
+    card_lock = threading.Lock()  # batches of one voice may run at once
 
     def run(batch: tuple[Voice, list[tuple[str, str]]]) -> float:
         voice, items = batch
@@ -469,9 +471,10 @@ def _speak(root: Path, jobs: list[tuple[str, Voice, str]], synth: Synthesiser, w
             split = "train" if _is_training(rel) else "test"
             clip = augment_speech(clip, _seed("augment", rel)) if split == "train" else clip
             length = _write(root / rel, clip)
-            entry = card[split].setdefault(voice.key, {"clips": 0, "seconds": 0.0})
-            entry["clips"] += 1
-            entry["seconds"] = round(entry["seconds"] + length, 2)
+            with card_lock:
+                entry = card[split].setdefault(voice.key, {"clips": 0, "seconds": 0.0})
+                entry["clips"] += 1
+                entry["seconds"] = round(entry["seconds"] + length, 2)
             seconds += length
         bar.update(len(items))
         return seconds
