@@ -73,12 +73,20 @@ def resolve_dtype(dtype: str, device):
     return getattr(torch, dtype)
 
 
+def _resolved(placement: Placement):
+    """(torch device, torch dtype) of a placement, after checking it."""
+    placement.validate()
+    device = resolve_device(placement.device)
+    return device, resolve_dtype(placement.dtype, device)
+
+
 def place_model(model, placement: Placement = Placement()):
     """Move a loaded `AudioLLM` to the placement's device and cast its encoder and projector (and an
     unquantized LLM) to its dtype; returns the model in eval mode."""
-    placement.validate()
-    device = resolve_device(placement.device)
-    dtype = resolve_dtype(placement.dtype, device)
+    return _place(model, *_resolved(placement))
+
+
+def _place(model, device, dtype):
     model.encoder.to(device=device, dtype=dtype)
     model.projector.to(device=device, dtype=dtype)
     if getattr(model.llm, "hf_quantizer", None) is None:  # bitsandbytes placed a quantized LLM itself
@@ -95,11 +103,9 @@ def load_placed(directory: str | os.PathLike, placement: Placement = Placement()
     """
     from .checkpoint import load_pretrained
 
-    placement.validate()
-    device = resolve_device(placement.device)
-    dtype = resolve_dtype(placement.dtype, device)
+    device, dtype = _resolved(placement)
     model, processor = load_pretrained(directory, quantization=placement.quantization, dtype=dtype)
-    place_model(model, placement)
+    _place(model, device, dtype)
     quantization = placement.quantization or "none"
     logger.info("loaded %s on %s in %s (LLM quantization %s)", directory, device, dtype, quantization)
     return model, processor

@@ -300,8 +300,7 @@ def _stopwatch(parts: dict[str, float]):
 
 
 def _eardrum_wer(eval_dir: Path) -> float:
-    rows = [json.loads(x) for x in (eval_dir / "per_example.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "hypothesis" in r]
+    rows = _scored_rows(eval_dir)
     return demo_wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
 
 
