@@ -67,10 +67,11 @@ __all__ = [
     "score_caption_events",
 ]
 
-GENERATOR_VERSION = 4  # bump whenever a change would alter generated texts or audio
+GENERATOR_VERSION = 5  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
 MANIFESTS = tuple(
-    "asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test questions_asr_test".split()
+    "asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test questions_asr_test"
+    " asr_noisy_test".split()
 )
 QUESTIONS_TO_TRANSCRIBE = 0.25  # share of the spoken training questions also asked to be transcribed
 NO_SPEECH = "There is no speech in this recording."  # the transcript of a clip without speech
@@ -499,22 +500,103 @@ def _is_training(rel: str) -> bool:
 
 
 def augment_speech(wave: np.ndarray, seed: int) -> np.ndarray:
-    """A training clip as another speaker in another room might give it: a speed perturbation (tempo,
-    pitch and formants move together, about +-12 %), a level change, background noise at 10-30 dB SNR
-    (white, or room tone: filtered noise with mains hum), short silences at the ends. Deterministic
-    in `seed`; a third of the clips stay as spoken."""
+    """A training clip as another speaker in another room or on another line might give it. Each step is
+    drawn on its own: a pitch-and-formant shift at the same tempo (up to +-4 semitones: a higher or lower
+    voice), a speed perturbation (tempo, pitch and formants together, about +-12 %), room reverberation,
+    a level change, background noise at 5-30 dB SNR (white, or room tone: filtered noise with mains hum),
+    telephone band-limiting (300-3,400 Hz through 8 kHz mu-law), short silences at the ends. Deterministic
+    in `seed`; a fifth of the clips stay as spoken."""
     rng = np.random.default_rng(seed)
-    if rng.random() < 1 / 3:
+    if rng.random() < 0.2:
         return wave
-    if rng.random() < 0.7:
+    if rng.random() < 0.5:
+        wave = shift_pitch(wave, 2 ** (rng.uniform(-4, 4) / 12))
+    if rng.random() < 0.6:
         factor = rng.uniform(0.88, 1.12)
         wave = np.asarray(soxr.resample(wave, RATE * factor, RATE), dtype=np.float32)  # played at RATE: x factor
+    if rng.random() < 0.3:
+        wave = reverberate(wave, rng.uniform(0.2, 0.8), rng)
     pads = [np.zeros(int(rng.uniform(0.0, 0.3) * RATE), np.float32) for _ in range(2)]
     wave = np.concatenate([pads[0], wave * rng.uniform(0.35, 1.0), pads[1]]).astype(np.float32)
     if rng.random() < 0.5:
-        level = np.sqrt(np.mean(wave**2) + 1e-12) * 10 ** (-rng.uniform(10, 30) / 20)
-        wave = wave + level * _background(len(wave), rng)
+        wave = add_noise(wave, rng.uniform(5, 30), rng)
+    if rng.random() < 0.15:
+        wave = telephone(wave)
     return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def add_noise(wave: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """`wave` with background noise (`_background`) at `snr_db` below its mean power."""
+    level = np.sqrt(np.mean(wave**2) + 1e-12) * 10 ** (-snr_db / 20)
+    return (wave + level * _background(len(wave), rng)).astype(np.float32)
+
+
+def _stft(wave: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """(samples,) -> (frames, n_fft // 2 + 1) complex, Hann-windowed, the signal padded by n_fft // 2."""
+    padded = np.pad(wave, n_fft // 2)
+    count = 1 + max(0, len(padded) - n_fft) // hop
+    frames = np.lib.stride_tricks.as_strided(padded, (count, n_fft), (padded.strides[0] * hop, padded.strides[0]))
+    return np.fft.rfft(frames * np.hanning(n_fft), axis=1)
+
+
+def _istft(spec: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """(frames, n_fft // 2 + 1) complex -> (samples,): overlap-add, normalised by the summed squared window."""
+    window = np.hanning(n_fft)
+    length = n_fft + hop * (len(spec) - 1)
+    out, norm = np.zeros(length), np.zeros(length)
+    for k, frame in enumerate(np.fft.irfft(spec, n=n_fft, axis=1)):
+        out[k * hop : k * hop + n_fft] += frame * window
+        norm[k * hop : k * hop + n_fft] += window**2
+    return (out / np.maximum(norm, 1e-3))[n_fft // 2 : length - n_fft // 2]
+
+
+def stretch_time(wave: np.ndarray, rate: float, n_fft: int = 512, hop: int = 128) -> np.ndarray:
+    """Phase-vocoder time stretch: (samples,) -> (about samples / rate,); pitch and formants stay."""
+    spec = _stft(wave.astype(np.float64), n_fft, hop)
+    if len(spec) < 2:
+        return wave
+    expected = 2 * np.pi * hop * np.arange(spec.shape[1]) / n_fft  # phase advance per hop of each bin's centre
+    phase = np.angle(spec[0])
+    out = []
+    for t in np.arange(0, len(spec) - 1, rate):
+        i, frac = int(t), t - int(t)
+        magnitude = (1 - frac) * np.abs(spec[i]) + frac * np.abs(spec[i + 1])
+        out.append(magnitude * np.exp(1j * phase))
+        delta = np.angle(spec[i + 1]) - np.angle(spec[i]) - expected
+        phase = phase + expected + delta - 2 * np.pi * np.round(delta / (2 * np.pi))
+    return _istft(np.array(out), n_fft, hop).astype(np.float32)
+
+
+def shift_pitch(wave: np.ndarray, factor: float) -> np.ndarray:
+    """Pitch and formants times `factor` at the same tempo (a higher or lower voice): (samples,) -> (samples,)."""
+    stretched = stretch_time(wave, 1 / factor)  # longer by `factor`...
+    shifted = np.asarray(soxr.resample(stretched, RATE * factor, RATE), dtype=np.float32)  # ...played faster
+    return np.pad(shifted, (0, max(0, len(wave) - len(shifted))))[: len(wave)]
+
+
+def reverberate(wave: np.ndarray, rt60: float, rng: np.random.Generator) -> np.ndarray:
+    """`wave` in a room whose reverberation time is `rt60` seconds: convolved with a synthetic impulse
+    response (a direct path, then exponentially decaying noise); the output keeps the input's length and peak."""
+    length = int(rt60 * RATE)
+    t = np.arange(length) / RATE
+    response = rng.standard_normal(length) * np.exp(-6.9 * t / rt60) * rng.uniform(0.2, 0.6)  # -60 dB at rt60
+    response[0] = 1.0
+    out = np.fft.irfft(np.fft.rfft(wave, len(wave) + length) * np.fft.rfft(response, len(wave) + length))
+    out = out[: len(wave)]
+    return (out * np.max(np.abs(wave)) / max(float(np.max(np.abs(out))), 1e-9)).astype(np.float32)
+
+
+def telephone(wave: np.ndarray) -> np.ndarray:
+    """`wave` as a telephone line carries it: 300-3,400 Hz, 8 kHz, 8-bit mu-law, back at RATE (same length)."""
+    narrow = np.asarray(soxr.resample(wave, RATE, 8000), dtype=np.float64)
+    spectrum = np.fft.rfft(narrow)
+    freqs = np.fft.rfftfreq(len(narrow), 1 / 8000)
+    narrow = np.fft.irfft(spectrum * ((freqs >= 300) & (freqs <= 3400)), len(narrow))
+    mu = 255.0
+    code = np.round(np.sign(narrow) * np.log1p(mu * np.minimum(np.abs(narrow), 1.0)) / np.log1p(mu) * 127) / 127
+    narrow = np.sign(code) * np.expm1(np.abs(code) * np.log1p(mu)) / mu
+    out = np.asarray(soxr.resample(narrow.astype(np.float32), 8000, RATE), dtype=np.float32)
+    return np.pad(out, (0, max(0, len(wave) - len(out))))[: len(wave)]
 
 
 def _background(length: int, rng: np.random.Generator) -> np.ndarray:
@@ -551,6 +633,21 @@ def _speech_rows(
             rows[name].append({**row, "voice": voice.key})
             jobs.append((item.text, voice, row["audio"]))
     return rows, jobs, asr_train
+
+
+def _noisy_copies(root: Path, rows: list[dict], seed: int) -> list[dict]:
+    """The held-out speech again in noise at 5-15 dB SNR, a third of it also in a reverberant room: new
+    clips (`asr_noisy_test-*.wav`) with the same texts and voices."""
+    out = []
+    for i, row in enumerate(rows):
+        rng = np.random.default_rng(_seed(seed, "noisy-test", i))
+        wave, _ = sf.read(root / row["audio"], dtype="float32")
+        if rng.random() < 1 / 3:
+            wave = reverberate(wave, rng.uniform(0.3, 0.7), rng)
+        rel = row["audio"].replace("/asr_test-", "/asr_noisy_test-")
+        _write(root / rel, add_noise(wave, rng.uniform(5, 15), rng))
+        out.append({**row, "audio": rel})
+    return out
 
 
 def _sound_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path]) -> dict[str, list[dict]]:
@@ -633,6 +730,7 @@ def _generate(
     speech = _speak(root, jobs, synth, workers, progress)
     rate = f"{speech['times_real_time']}x real time"
     _say(progress, f"demo data: {speech['audio_seconds']} s of speech in {speech['wall_seconds']} s ({rate})")
+    rows["asr_noisy_test"] = _noisy_copies(root, rows["asr_test"], seed)
     rows.update(_sound_rows(root, seed, sizes, animals))
     rows["chat_train"] = text.conversations(rows, asr_train, sizes.chat_train, seed)
     nospeech = _nospeech_rows(root, seed, sizes, animals)

@@ -30,13 +30,18 @@ from eardrum.demo.data import (
     DemoSizes,
     SpeechSynthesiser,
     Voice,
+    add_noise,
     augment_speech,
     build_demo_data,
     espeak_speak,
     nospeech_clip,
     piper_speak,
     render_events,
+    reverberate,
     score_caption_events,
+    shift_pitch,
+    stretch_time,
+    telephone,
 )
 from eardrum.demo.text import (
     QUESTION_FAMILIES,
@@ -111,7 +116,7 @@ def test_same_seed_gives_identical_manifests_and_audio(tmp_path, animals, built)
     assert first.name == second.name
     files = folder_bytes(first)
     assert files == folder_bytes(second)
-    assert sum(name.endswith(".wav") for name in files) == 24 + 8 + 20 + 10 + 16 + 8 + 2 * 3 + 6 + 5
+    assert sum(name.endswith(".wav") for name in files) == 24 + 8 + 20 + 10 + 16 + 8 + 2 * 3 + 6 + 5 + 8  # + noisy copies
 
 
 def test_another_seed_gives_other_texts_and_another_folder(tmp_path, animals, built):
@@ -141,6 +146,7 @@ def test_counts_follow_the_sizes(built):
         "chat_train": 8,
         "nospeech_test": 5,
         "questions_asr_test": 10,
+        "asr_noisy_test": 8,
     }
     meta = json.loads((built["asr_train"].parent / "meta.json").read_text())
     assert meta["sizes"] == asdict(SMALL) and meta["counts"] == counts
@@ -346,6 +352,39 @@ def test_training_speech_is_augmented_deterministically_and_held_out_speech_is_n
     assert sum(np.array_equal(out, wave) for out in outs) >= 1  # a share stays as spoken
     assert len({len(out) for out in outs}) > 4  # speed perturbation and padding change the length
     assert all(out.dtype == np.float32 and np.abs(out).max() <= 1.0 for out in outs)
+
+
+def _peak_hz(wave: np.ndarray) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(wave)))) * 16000 / len(wave)
+
+
+def test_speaker_and_channel_augmentations_do_what_they_say():
+    t = np.arange(32000) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 400 * t)).astype(np.float32)
+    for factor in (0.8, 1.25):  # a lower or higher voice at the same tempo
+        shifted = shift_pitch(tone, factor)
+        assert len(shifted) == len(tone) and _peak_hz(shifted) == pytest.approx(400 * factor, abs=4)
+    slower = stretch_time(tone, 0.5)  # twice as long, the same pitch
+    assert len(slower) == pytest.approx(2 * len(tone), rel=0.02) and _peak_hz(slower) == pytest.approx(400, abs=2)
+    rng = np.random.default_rng(0)
+    room = reverberate(tone, 0.5, rng)
+    assert len(room) == len(tone) and np.abs(room).max() == pytest.approx(0.5, rel=1e-4)
+    assert not np.allclose(room, tone, atol=0.05)
+    lines = np.sin(2 * np.pi * 100 * t) + np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 6000 * t)
+    band = np.abs(np.fft.rfft(telephone((0.3 * lines).astype(np.float32))))  # 0.5 Hz per bin
+    assert len(band) == len(np.fft.rfft(lines)) and band[2000] > 20 * max(band[200], band[12000])
+    noisy = add_noise(tone, 10.0, rng)
+    snr = 10 * np.log10(np.mean(tone**2) / np.mean((noisy - tone) ** 2))
+    assert snr == pytest.approx(10.0, abs=0.5)
+
+
+def test_held_out_speech_has_a_noisy_copy(built):
+    clean, noisy = rows(built["asr_test"]), rows(built["asr_noisy_test"])
+    assert [(r["text"], r["voice"]) for r in noisy] == [(r["text"], r["voice"]) for r in clean]
+    for a, b in zip(clean, noisy):
+        wave, _ = sf.read(built["asr_test"].parent / a["audio"], dtype="float32")
+        copy, _ = sf.read(built["asr_noisy_test"].parent / b["audio"], dtype="float32")
+        assert b["audio"] != a["audio"] and len(copy) == len(wave) and not np.allclose(copy, wave, atol=1e-3)
 
 
 def test_nospeech_clips_hold_no_speech_and_are_transcribed_as_no_speech(built):
