@@ -62,17 +62,19 @@ __all__ = [
     "espeak_speak",
     "format_data_card",
     "nospeech_clip",
+    "nospeech_transcript",
     "piper_speak",
     "render_events",
     "score_caption_events",
 ]
 
-GENERATOR_VERSION = 5  # bump whenever a change would alter generated texts or audio
+GENERATOR_VERSION = 6  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
 MANIFESTS = tuple(
     "asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test questions_asr_test"
     " asr_noisy_test".split()
 )
+VARIED_SHARE = 2 / 3  # of the spoken sentences (training and held-out alike), the rest from the templates
 QUESTIONS_TO_TRANSCRIBE = 0.25  # share of the spoken training questions also asked to be transcribed
 NO_SPEECH = "There is no speech in this recording."  # the transcript of a clip without speech
 
@@ -89,7 +91,7 @@ class DemoSizes:
     sound_test: int = 100
     animal_variants: int = 8  # clips per animal sound; one of them is held out
     chat_train: int = 80  # conversations, made of training clips
-    nospeech_train: int = 120  # clips without speech, transcribed as NO_SPEECH
+    nospeech_train: int = 200  # clips without speech, transcribed as NO_SPEECH (with what is heard instead)
     nospeech_test: int = 40
 
     def problems(self) -> list[str]:
@@ -362,7 +364,7 @@ def _generator_fingerprint() -> str:
     from . import text as demo_text
 
     digest = hashlib.sha256()
-    for module_file in (__file__, demo_text.__file__):
+    for module_file in (__file__, demo_text.__file__, demo_text.VARIED_FILE):
         digest.update(Path(module_file).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -613,9 +615,21 @@ def _speech_rows(
     seed: int, sizes: DemoSizes, synth: Synthesiser
 ) -> tuple[dict[str, list[dict]], list[tuple[str, Voice, str]], list[text.Sentence]]:
     """The rows of the four speech manifests, the synthesis jobs behind them, and the training sentences."""
-    sentences = text.sentences(sizes.asr_train + sizes.asr_test, seed)
-    asr_train, asr_test = text.split_disjoint(sentences, sizes.asr_test, key=lambda s: s.text)
+    varied_train, varied_test = round(VARIED_SHARE * sizes.asr_train), round(VARIED_SHARE * sizes.asr_test)
+    varied = text.varied_sentences(seed)
+    if len(varied) < varied_train + varied_test:
+        raise ValueError(f"sizes: asr_train={sizes.asr_train} and asr_test={sizes.asr_test} need "
+                         f"{varied_train + varied_test} varied sentences, {text.VARIED_FILE} holds {len(varied)}")
+    templated = text.sentences(sizes.asr_train - varied_train + sizes.asr_test - varied_test, seed)
+    asr_train, asr_test = [], []
+    for items, test_count in ((varied[: varied_train + varied_test], varied_test),
+                              (templated, sizes.asr_test - varied_test)):
+        train, test = text.split_disjoint(items, test_count, key=lambda s: s.text.lower())
+        asr_train += train
+        asr_test += test
+    random.Random(f"sentences:{seed}").shuffle(asr_train)
     qa_train, qa_test = text.questions(sizes.qa_train, sizes.qa_test, seed)
+    varied_texts = {s.text for s in varied}
     train_voices, test_voices = synth.voices()
     rng = random.Random(f"voices:{seed}")
     rows: dict[str, list[dict]] = {}
@@ -626,7 +640,7 @@ def _speech_rows(
             voice = rng.choices(voices, [v.weight for v in voices])[0]
             row = {"audio": f"audio/speech/{name}-{i:05d}.wav"}
             if isinstance(item, text.Sentence):
-                row["text"] = item.text
+                row.update(text=item.text, kind="varied" if item.text in varied_texts else "template")
             else:
                 row.update(question=item.instruction, answer=item.answer, answers=list(item.answers))
                 row.update(transcript=item.text, family=item.family)
@@ -703,6 +717,19 @@ def nospeech_clip(kind: str, seed: int, animal: np.ndarray | None = None) -> np.
     return render_events(events, seed)
 
 
+def nospeech_transcript(kind: str, seed: int, animal: str | None = None) -> str:
+    """What a clip from `nospeech_clip(kind, seed, ...)` is transcribed as: NO_SPEECH, and where it holds
+    sounds, what they are ("There is no speech in this recording, only two high beeps."); `animal` is the
+    animal clip's label ("dog")."""
+    if kind == "sounds":
+        heard = text.caption(text.sound_scenes(1, seed, held_out=False)[0])
+    elif kind == "animal" and animal is not None:
+        heard = text.ANIMAL_SOUNDS.get(animal, "an animal") + "."
+    else:
+        return NO_SPEECH
+    return f"{NO_SPEECH[:-1]}, only {heard[0].lower()}{heard[1:]}"
+
+
 def _nospeech_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path]) -> dict[str, list[dict]]:
     """Clips without speech, transcribed as NO_SPEECH: training rows (for asr_train) and `nospeech_test`.
     Held-out clips draw other seeds and no animal (every animal clip is someone's training clip)."""
@@ -712,10 +739,10 @@ def _nospeech_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, P
         kinds = NOSPEECH_KINDS if split == "train" and clips else NOSPEECH_KINDS[:-1]
         for i in range(count):
             kind, clip_seed = kinds[i % len(kinds)], _seed(seed, "nospeech", split, i)
-            animal = clips[sorted(clips)[i % len(clips)]] if kind == "animal" else None
+            label = sorted(clips)[i % len(clips)] if kind == "animal" else None
             rel = f"audio/nospeech/{split}-{i:05d}.wav"
-            _write(root / rel, nospeech_clip(kind, clip_seed, animal))
-            rows[split].append({"audio": rel, "text": NO_SPEECH, "kind": kind})
+            _write(root / rel, nospeech_clip(kind, clip_seed, clips[label] if label else None))
+            rows[split].append({"audio": rel, "text": nospeech_transcript(kind, clip_seed, label), "kind": kind})
     return rows
 
 

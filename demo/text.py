@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from eardrum.common.metrics import normalize_text
 
@@ -30,6 +31,7 @@ __all__ = [
     "sound_scenes",
     "sound_sequences",
     "split_disjoint",
+    "varied_sentences",
 ]
 
 _ONES = (
@@ -176,6 +178,30 @@ def sentences(count: int, seed: int) -> list[Sentence]:
         if sentence.text not in seen:
             seen.add(sentence.text)
             out.append(sentence)
+    return out
+
+
+VARIED_FILE = Path(__file__).with_name("sentences.txt")  # written by `python -m eardrum.demo.make_sentences`
+
+
+def varied_sentences(seed: int, path: Path = VARIED_FILE) -> list[Sentence]:
+    """The shipped everyday sentences of every shape (see `eardrum.demo.make_sentences`), shuffled by `seed`.
+
+    The templates above give twenty sentence patterns; a model that only ever hears those learns the
+    patterns instead of the words. These sentences mention nothing a conversation asks about.
+
+    Raises:
+        ValueError: the file is missing or holds an empty or multi-line entry.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: the demo's sentence list is missing (remake it with "
+                         "`python -m eardrum.demo.make_sentences --out {path}`)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    bad = [n for n, line in enumerate(lines, 1) if not line.strip()]
+    if bad:
+        raise ValueError(f"{path}: lines {bad[:5]} are empty; expected one sentence per line")
+    out = [Sentence(line.strip()) for line in lines]
+    random.Random(f"varied:{seed}").shuffle(out)
     return out
 
 

@@ -35,6 +35,7 @@ from eardrum.demo.data import (
     build_demo_data,
     espeak_speak,
     nospeech_clip,
+    nospeech_transcript,
     piper_speak,
     render_events,
     reverberate,
@@ -51,6 +52,7 @@ from eardrum.demo.text import (
     questions,
     sentences,
     sound_scenes,
+    varied_sentences,
 )
 
 SMALL = DemoSizes(
@@ -190,9 +192,9 @@ def test_held_out_speech_uses_only_the_held_out_voice(built):
     for name in ("asr_test", "qa_test"):
         assert {r["voice"] for r in rows(built[name])} == {"tones:c@1"}
     for name in ("asr_train", "qa_train"):
-        speech = [r for r in rows(built[name]) if r.get("text") != NO_SPEECH]
+        speech = [r for r in rows(built[name]) if r.get("kind") not in NOSPEECH_KINDS]
         assert {r["voice"] for r in speech} <= {"tones:a@0.9", "tones:b@1.15"}
-    assert not [r for r in rows(built["asr_train"]) if r["text"] == NO_SPEECH and "voice" in r]
+    assert not [r for r in rows(built["asr_train"]) if r.get("kind") in NOSPEECH_KINDS and "voice" in r]
 
 
 def test_qa_rows_hold_the_spoken_question_and_accepted_answers(built):
@@ -231,6 +233,39 @@ def test_sentences_are_distinct_and_deterministic():
     assert len({s.text for s in first}) == 3000
     assert first == sentences(3000, seed=4)
     assert [s.text for s in first[:20]] != [s.text for s in sentences(20, seed=5)]
+
+
+def test_the_shipped_varied_sentences_are_sayable_distinct_and_enough_for_the_full_demo():
+    from eardrum.demo.data import FULL_SIZES, VARIED_SHARE
+    from eardrum.demo.make_sentences import candidate_sentences
+
+    shipped = varied_sentences(seed=0)
+    texts = [s.text for s in shipped]
+    assert [t for t in texts if candidate_sentences(t) != [t]] == []  # each passes the generator's own filter
+    assert len({t.lower() for t in texts}) == len(texts)
+    assert len(texts) >= round(VARIED_SHARE * FULL_SIZES.asr_train) + round(VARIED_SHARE * FULL_SIZES.asr_test)
+    assert not [s for s in shipped if s.mentions]
+    assert varied_sentences(seed=0) == shipped
+    assert texts[:20] != [s.text for s in varied_sentences(seed=1)[:20]] and sorted(texts) == sorted(
+        s.text for s in varied_sentences(seed=1))
+
+
+def test_a_missing_or_broken_sentence_list_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"nowhere\.txt: the demo's sentence list is missing"):
+        varied_sentences(0, tmp_path / "nowhere.txt")
+    (tmp_path / "gap.txt").write_text("One good sentence here.\n\nAnother one after a gap.\n")
+    with pytest.raises(ValueError, match=r"gap\.txt: lines \[2\] are empty"):
+        varied_sentences(0, tmp_path / "gap.txt")
+
+
+def test_speech_mixes_varied_and_template_sentences_in_both_splits(built):
+    from eardrum.demo.data import VARIED_SHARE
+
+    for name, total in (("asr_train", SMALL.asr_train), ("asr_test", SMALL.asr_test)):
+        kinds = [r["kind"] for r in rows(built[name]) if r.get("kind") in ("varied", "template")]
+        assert kinds.count("varied") == round(VARIED_SHARE * total) and len(kinds) == total
+    shipped = {s.text for s in varied_sentences(seed=0)}
+    assert all((r["text"] in shipped) == (r["kind"] == "varied") for r in rows(built["asr_test"]))
 
 
 def test_a_second_build_does_no_work(tmp_path, animals):
@@ -389,10 +424,14 @@ def test_held_out_speech_has_a_noisy_copy(built):
 
 
 def test_nospeech_clips_hold_no_speech_and_are_transcribed_as_no_speech(built):
-    train = [r for r in rows(built["asr_train"]) if r["text"] == NO_SPEECH]
+    train = [r for r in rows(built["asr_train"]) if r.get("kind") in NOSPEECH_KINDS]
     test = rows(built["nospeech_test"])
-    assert len(train) == 6 and len(test) == 5 and all(r["text"] == NO_SPEECH for r in test)
+    assert len(train) == 6 and len(test) == 5 and all(r["text"].startswith(NO_SPEECH[:-1]) for r in train + test)
     assert {r["kind"] for r in train} == set(NOSPEECH_KINDS) and "animal" not in {r["kind"] for r in test}
+    assert all((r["text"] == NO_SPEECH) == (r["kind"] in ("silence", "room tone", "noise")) for r in train)
+    assert nospeech_transcript("animal", 1, "dog") == "There is no speech in this recording, only a dog barking."
+    assert nospeech_transcript("sounds", 7) == f"{NO_SPEECH[:-1]}, only " + (
+        lambda c: c[0].lower() + c[1:])(caption(sound_scenes(1, 7, held_out=False)[0]))
     silence = nospeech_clip("silence", 3)
     assert silence.dtype == np.float32 and not silence.any() and 1.0 <= len(silence) / 16000 <= 4.0
     assert 0.001 < float(np.std(nospeech_clip("room tone", 3))) < 0.03
