@@ -1,6 +1,7 @@
 """The `eardrum` command line.
 
-    eardrum demo [--quick] [--assets DIR]  real weights: fetch, train, evaluate, answer spoken questions
+    eardrum demo [--quick] [--assets DIR] [--seed N]  real weights: fetch, train, evaluate, answer spoken questions
+    eardrum demo --report RUN [RUN ...] [--readme README.md]  the table of finished runs, mean and each
     eardrum train RECIPE.yaml [key.sub=value ...]   train (also under `accelerate launch`)
     eardrum info MODEL_DIR [--json]        what a checkpoint holds
     eardrum smoke [--out DIR] [--steps N]  a tiny end-to-end run on random tiny models
@@ -41,6 +42,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.report:
+        from eardrum.demo.report import report
+
+        print(report(args.report, readme=args.readme))
+        return 0
+    if args.readme:
+        raise ValueError("--readme writes the table of finished runs: give them with --report RUN [RUN ...]")
     from eardrum.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, assets_dir=args.assets, whisper=args.whisper, seed=args.seed)
@@ -95,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--assets", help="a folder holding the weight packages already (no network needed)")
     demo.add_argument("--out", default="runs/demo", help="where the checkpoints and results go")
     demo.add_argument("--whisper", default="tiny.en", choices=["tiny.en", "base"])
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seeds the data and the training")
+    demo.add_argument("--report", nargs="+", metavar="RUN",
+                      help="train nothing: the table of finished runs (run folders or results.json), mean and each")
+    demo.add_argument("--readme", metavar="README", help="with --report: write the table into this README")
     demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="print what a checkpoint directory holds")
     info.add_argument("model_dir")

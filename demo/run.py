@@ -113,17 +113,20 @@ def _scored_rows(eval_dir: Path) -> list[dict]:
     return [r for r in rows if "hypothesis" in r]
 
 
-def per_voice_asr(eval_dir: Path, manifest: Path, whisper_examples: list[dict]) -> dict[str, dict]:
-    """WER per held-out voice, eardrum's and Whisper's own decoder's on the same clips (the manifest's order)."""
+def per_voice_asr(
+    eval_dir: Path, manifest: Path, whisper_examples: list[dict], field: str = "voice"
+) -> dict[str, dict]:
+    """WER per held-out voice (or per value of another manifest `field`, such as "kind": varied or
+    template sentences), eardrum's and Whisper's own decoder's on the same clips (the manifest's order)."""
     lines = _lines(manifest)
     ours: dict[str, tuple[list[str], list[str]]] = {}
     for row in _scored_rows(eval_dir):
-        refs, hyps = ours.setdefault(lines[row["line"] - 1].get("voice", "?"), ([], []))
+        refs, hyps = ours.setdefault(lines[row["line"] - 1].get(field, "?"), ([], []))
         refs.append(row["reference"])
         hyps.append(row["hypothesis"])
     theirs: dict[str, tuple[list[str], list[str]]] = {}
     for line, example in zip(lines, whisper_examples):
-        refs, hyps = theirs.setdefault(line.get("voice", "?"), ([], []))
+        refs, hyps = theirs.setdefault(line.get(field, "?"), ([], []))
         refs.append(example["reference"])
         hyps.append(example["hypothesis"])
     return {
@@ -168,34 +171,6 @@ def no_speech_scores(eval_dir: Path, manifest: Path) -> dict:
     }
 
 
-def format_results(results: dict) -> str:
-    """The demo's results as a small Markdown table."""
-    asr, qa, cap = results["asr"], results["qa"], results["captions"]
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    ratio = lambda a, b: "n/a" if not b else f"{a / b:.2f}"  # noqa: E731
-    rows = [
-        ("WER, held-out speech (eardrum; numbers spelt out on both sides)", pct(asr["wer"])),
-        ("WER, same clips, Whisper's own decoder", pct(asr["whisper_wer"])),
-        ("spoken QA accuracy (audio), contains answer", pct(qa["audio"])),
-        ("same questions as text, this model (the LLM with its LoRA)", pct(qa["text"])),
-        ("audio / text, this model", ratio(qa["audio"], qa["text"])),
-        ("same questions as text, the LLM as shipped", pct(qa.get("text_shipped_llm"))),
-        ("audio / text, the LLM as shipped", ratio(qa["audio"], qa.get("text_shipped_llm"))),
-        ("procedural sounds: event count right", pct(cap["procedural_count_accuracy"])),
-        ("procedural sounds: order right", pct(cap["procedural_order_accuracy"])),
-        ("animal sounds: right animal", pct(cap["animal_accuracy"])),
-        ("clips without speech: an invented transcript", pct(results.get("no_speech", {}).get("invented_rate"))),
-        ("WER, held-out spoken questions asked to be transcribed", pct(results.get("questions_asr", {}).get("wer"))),
-    ]
-    for voice, row in results.get("asr_by_voice", {}).items():
-        rows.append((f"WER, {voice} (Whisper's decoder: {pct(row['whisper_wer'])})", pct(row["wer"])))
-    for voice, row in results.get("qa_by_voice", {}).items():
-        rows.append((f"spoken QA, {voice} (as text: {pct(row['text'])})", pct(row["audio"])))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"| {'measure':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-    return "\n".join(lines + [f"| {name:{width}} | {value} |" for name, value in rows])
-
-
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
              whisper: str = "tiny.en", seed: int = 0, say=print) -> dict:
     """Run the whole demo; returns the results (also written to `out_dir/results.json`)."""
@@ -203,6 +178,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.demo.assets import fetch_assets
     from eardrum.demo.data import build_demo_data, format_data_card
+    from eardrum.demo.report import format_results
     from eardrum.inference.evaluation import evaluate_manifest
     from eardrum.training.distill import distill_manifest
 
@@ -253,24 +229,34 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     lap("eval_qa_parity")
     captions = caption_scores(loaded, data["caption_test"], out / "eval")
     lap("eval_captions")
+    evaluate_manifest(loaded, data["asr_noisy_test"], "asr", batch_size=EVAL_BATCH_SIZE,
+                      out_dir=out / "eval" / "asr_noisy", progress=False)
+    noisy_reference = whisper_reference_wer(str(assets.whisper), data["asr_noisy_test"])
+    lap("eval_asr_noisy")
     evaluate_manifest(loaded, data["nospeech_test"], "asr", batch_size=EVAL_BATCH_SIZE,
                       out_dir=out / "eval" / "nospeech", progress=False)
     lap("eval_no_speech")
     evaluate_manifest(loaded, data["questions_asr_test"], "asr", batch_size=EVAL_BATCH_SIZE,
                       out_dir=out / "eval" / "questions_asr", progress=False)
     lap("eval_questions_asr")
+    real_speech = _real_speech(loaded, assets.whisper, out / "eval" / "real_speech", say)
+    lap("eval_real_speech")
     results = {
         "asr": {"wer": _eardrum_wer(out / "eval" / "asr"), "whisper_wer": reference["wer"],
                 "wer_plain_normaliser": asr["metrics"].get("wer")},
         "qa": {**{k: qa["parity"][k]["contains_answer"] for k in ("audio", "text", "gap")},
                "text_shipped_llm": shipped["metrics"]["contains_answer"]},
         "captions": captions,
+        "asr_noisy": {"wer": _eardrum_wer(out / "eval" / "asr_noisy"), "whisper_wer": noisy_reference["wer"]},
         "no_speech": no_speech_scores(out / "eval" / "nospeech", data["nospeech_test"]),
         "questions_asr": {"wer": _eardrum_wer(out / "eval" / "questions_asr")},
         "asr_by_voice": per_voice_asr(out / "eval" / "asr", data["asr_test"], reference["examples"]),
+        "asr_by_kind": per_voice_asr(out / "eval" / "asr", data["asr_test"], reference["examples"], "kind"),
         "qa_by_voice": per_voice_qa(out / "eval" / "qa", data["qa_test"]),
+        "real_speech": real_speech,
         "data": _data_card(data),
-        "quick": quick, "whisper": whisper, "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
+        "quick": quick, "whisper": whisper, "seed": seed,
+        "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
     }
     table = format_results(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -280,6 +266,21 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say("minutes by part: " + ", ".join(f"{name} {sec / 60:.1f}" for name, sec in parts.items()))
     _answer_a_few(loaded, final, data["qa_test"], say)
     return results
+
+
+def _real_speech(loaded, whisper_folder: Path, out_dir: Path, say) -> dict | None:
+    """The real-speech set's scores (`eardrum.demo.real_speech`) without the examples, which stay in
+    `out_dir`; None, said aloud, where the set cannot be fetched (no network on a first run)."""
+    from eardrum.demo.real_speech import evaluate_real_speech
+
+    try:
+        scores = evaluate_real_speech(loaded, whisper_folder, out_dir)
+    except (OSError, RuntimeError) as error:
+        say(f"real human speech: not measured, the set could not be fetched ({error})")
+        return None
+    examples = scores.pop("examples")
+    (out_dir / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+    return scores
 
 
 def _data_card(data: dict[str, Path]) -> dict:
