@@ -10,11 +10,13 @@ Nothing of the frozen base encoder or LLM is written; they are loaded from their
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -31,6 +33,8 @@ CONFIG_NAME = "eardrum_config.json"
 WEIGHTS_NAME = "projector.safetensors"
 ADAPTER_DIR = "llm_adapter"
 ENCODER_ADAPTER = "encoder_adapter.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name for the LoRA weights in ADAPTER_DIR
+PICKLED_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")  # torch.load files: never read
 
 
 class CheckpointError(ValueError):
@@ -135,14 +139,80 @@ def _jsonable(value):
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict:
-    """The parsed eardrum_config.json of a checkpoint directory, with a clear error if absent."""
+    """The parsed eardrum_config.json of a checkpoint directory.
+
+    Raises:
+        CheckpointError: the file is missing, is not JSON, or is not the object eardrum writes (a
+            "config" object, a "frame_spec" object and an integer "placeholder_id"); the message names it.
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not an eardrum checkpoint: {CONFIG_NAME} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(meta).__name__}")
+    wrong = [key for key, kind in (("config", dict), ("frame_spec", dict), ("placeholder_id", int))
+             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
+    if wrong:
+        raise CheckpointError(f"{path}: missing or malformed {wrong}; expected the object `save_pretrained` writes")
+    return meta
+
+
+def stored_config(meta: dict, path: Path) -> AudioLLMConfig:
+    """The AudioLLMConfig stored in a checkpoint's meta, with errors naming the file."""
+    try:
+        return AudioLLMConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: its \"config\" is not a valid audio LLM config ({err})") from err
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file we wrote.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, empty or not safetensors; the message names it.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """Refuse a LoRA adapter folder peft would read through torch's unpickler, or whose weights are unreadable.
+
+    Raises:
+        CheckpointError: a pickled weights file (`adapter_model.bin`) is there, the safetensors weights
+            are missing or corrupt, or `adapter_config.json` is not a JSON object.
+    """
+    pickled = [name for name in PICKLED_WEIGHTS if (adapter_dir / name).exists()]
+    if pickled:
+        raise CheckpointError(
+            f"{adapter_dir / pickled[0]}: pickled weights are refused (loading them can run code); eardrum "
+            f"reads only {ADAPTER_WEIGHTS}. Remove the file, or convert it where you trust its origin."
+        )
+    config = adapter_dir / "adapter_config.json"
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            raise CheckpointError(f"{config}: expected a JSON object")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config}: missing or not valid JSON ({err})") from err
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)  # reads every tensor's header: a truncated file fails here
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
 
 
 def load_processor(directory: str | Path) -> AudioProcessor:
@@ -150,7 +220,7 @@ def load_processor(directory: str | Path) -> AudioProcessor:
     from transformers import AutoFeatureExtractor, AutoTokenizer
 
     meta = read_checkpoint_meta(directory)
-    config = AudioLLMConfig.from_dict(meta["config"])
+    config = stored_config(meta, Path(directory) / CONFIG_NAME)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     feature_extractor = AutoFeatureExtractor.from_pretrained(str(directory))
     featurizer = AudioFeaturizer(feature_extractor, FrameSpec.from_dict(meta["frame_spec"]), config.pad_to_30s)
@@ -164,11 +234,26 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     is_trainable: bool = False,
     cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[AudioLLM, AudioProcessor]:
-    """Rebuild the model of a checkpoint directory from its base sources and its trained weights."""
+    """Rebuild the model of a checkpoint directory from its base sources and its trained weights.
+
+    `trust_remote_code` lets the LLM's own Python code run; only the caller decides it. A checkpoint
+    whose config says `"trust_remote_code": true` gets a warning and loads without it.
+
+    Raises:
+        CheckpointError: a file of the checkpoint is missing, corrupt, pickled, or does not match its base models.
+    """
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
-    config = AudioLLMConfig.from_dict(meta["config"])
+    config = stored_config(meta, directory / CONFIG_NAME)
+    if config.trust_remote_code and not trust_remote_code:
+        logger.warning("%s says trust_remote_code=true; ignored: remote code runs only when the caller asks for it "
+                       "(trust_remote_code=True, or --trust-remote-code on the command line)", directory / CONFIG_NAME)
+    config = dataclasses.replace(config, trust_remote_code=trust_remote_code)
+    state = read_safetensors(directory / WEIGHTS_NAME)  # before the base models load: a bad file fails fast
+    if meta.get("has_lora"):
+        check_adapter_dir(directory / ADAPTER_DIR)
     model, _ = build_audio_llm(config, quantization=quantization, dtype=dtype, cache_dir=cache_dir)
     processor = load_processor(directory)
     if processor.placeholder_id != meta["placeholder_id"]:
@@ -177,14 +262,17 @@ def load_pretrained(
         )
     if model.encoder.spec != FrameSpec.from_dict(meta["frame_spec"]):
         raise CheckpointError(f"{directory}: the encoder {config.encoder} no longer matches the saved frame spec")
-    state = load_file(str(directory / WEIGHTS_NAME))
     _load_trained_state(model, state, directory)
     if meta.get("encoder_lora"):
         _load_encoder_lora(model, meta["encoder_lora"], directory)
     if meta.get("has_lora"):
         from peft import PeftModel
 
-        model.llm = PeftModel.from_pretrained(model.llm, str(directory / ADAPTER_DIR), is_trainable=is_trainable)
+        try:
+            # check_adapter_dir left no pickled file for peft to fall back on
+            model.llm = PeftModel.from_pretrained(model.llm, str(directory / ADAPTER_DIR), is_trainable=is_trainable)
+        except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
+            raise CheckpointError(f"{directory / ADAPTER_DIR}: the LoRA adapter does not load ({err})") from err
     return model, processor
 
 
@@ -211,7 +299,7 @@ def _load_encoder_lora(model: AudioLLM, lora_config: dict, directory: Path) -> N
     inject_adapter_in_model(config, model.encoder.network)
     model.encoder.network.eval()
     model.encoder.lora_config = config.to_dict()
-    state = load_file(str(directory / ENCODER_ADAPTER))
+    state = read_safetensors(directory / ENCODER_ADAPTER)
     missing, unexpected = model.encoder.network.load_state_dict(state, strict=False)
     missing = [k for k in missing if "lora_" in k]
     if missing or unexpected:
@@ -226,6 +314,9 @@ def merge_lora(directory: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint's LLM with its LoRA merged in as a plain transformers folder."""
     from transformers import AutoModelForCausalLM
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a folder; merge-lora writes a transformers folder there")
     meta = read_checkpoint_meta(directory)
     if not meta.get("has_lora"):
         raise CheckpointError(f"{directory} has no LoRA adapter to merge")
@@ -237,7 +328,8 @@ def merge_lora(directory: str | Path, out_dir: str | Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(merged.state_dict())
-    out_dir = Path(out_dir)
     plain.save_pretrained(str(out_dir), safe_serialization=True)
     processor.tokenizer.save_pretrained(str(out_dir))
+    if not (out_dir / "config.json").is_file() or not list(out_dir.glob("*.safetensors")):
+        raise CheckpointError(f"{out_dir}: the merged LLM was not written (no config.json or .safetensors there)")
     return out_dir

@@ -32,6 +32,7 @@ class Placement:
     device: str = AUTO  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N", "mps"
     dtype: str = AUTO  # "auto" (bfloat16 on a GPU that has it, else float16; float32 off the GPU), or a DTYPE_NAMES
     quantization: str | None = None  # None, or "4bit" or "8bit" (bitsandbytes) for the LLM (it then places itself)
+    trust_remote_code: bool = False  # let the LLM's own Python code run; never taken from a checkpoint's files
 
     def problems(self) -> list[str]:
         """Every problem with these settings (empty when valid); CUDA availability is checked on use."""
@@ -43,6 +44,8 @@ class Placement:
             out.append(f"dtype={self.dtype!r}: expected one of {AUTO}, {', '.join(DTYPE_NAMES)}")
         if self.quantization not in QUANTIZATIONS:
             out.append(f"quantization={self.quantization!r}: expected one of {', '.join(map(repr, QUANTIZATIONS))}")
+        if not isinstance(self.trust_remote_code, bool):
+            out.append(f"trust_remote_code={self.trust_remote_code!r}: expected True or False")
         return out
 
     def validate(self) -> None:
@@ -104,7 +107,8 @@ def load_placed(directory: str | os.PathLike, placement: Placement = Placement()
     from .checkpoint import load_pretrained
 
     device, dtype = _resolved(placement)
-    model, processor = load_pretrained(directory, quantization=placement.quantization, dtype=dtype)
+    model, processor = load_pretrained(directory, quantization=placement.quantization, dtype=dtype,
+                                       trust_remote_code=placement.trust_remote_code)
     _place(model, device, dtype)
     quantization = placement.quantization or "none"
     logger.info("loaded %s on %s in %s (LLM quantization %s)", directory, device, dtype, quantization)

@@ -6,11 +6,18 @@ import json
 import math
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .audio import SAMPLING_RATE
-from .checkpoint import ADAPTER_DIR, WEIGHTS_NAME, read_checkpoint_meta
-from .config import AudioLLMConfig
+from .checkpoint import (
+    ADAPTER_DIR,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_adapter_dir,
+    read_checkpoint_meta,
+    stored_config,
+)
 from .encoders import WHISPER_HOP, FrameSpec
 from .projectors import tokens_per_second
 from .sources import SourceError, describe_source
@@ -30,13 +37,26 @@ def _kind(source: str) -> str:
 
 
 def describe_checkpoint(directory: str | Path) -> dict:
-    """A summary of a checkpoint: sources, projector, token rate, trained parameters, adapter, versions."""
+    """A summary of a checkpoint: sources, projector, token rate, trained parameters, adapter, versions.
+
+    Raises:
+        CheckpointError: a file of the checkpoint is missing, corrupt or pickled; the message names it.
+    """
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
-    config = AudioLLMConfig.from_dict(meta["config"])
-    spec = FrameSpec.from_dict(meta["frame_spec"])
-    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    config = stored_config(meta, directory / CONFIG_NAME)
+    try:
+        spec = FrameSpec.from_dict(meta["frame_spec"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: malformed \"frame_spec\" ({err})") from err
+    weights = directory / WEIGHTS_NAME
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
+    if meta.get("has_lora"):
+        check_adapter_dir(directory / ADAPTER_DIR)
     summary = {
         "checkpoint": str(directory),
         "encoder": {

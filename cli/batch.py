@@ -47,6 +47,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"eardrum generate: interrupted; run the same command again to resume into {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(format_generate_summary(summary))
+    if summary["done"] + summary["skipped"] == 0:
+        raise ValueError(f"no line of {args.manifest} was answered ({summary['lines']} lines, {summary['errors']} "
+                         f"errors{', none of task ' + args.task if args.task else ''}); each error is in {args.out}")
     return 0
 
 
@@ -72,6 +75,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise _one_line(err) from None
     print(format_table(summary))
     print(f"per-example results and summary written to {out}/ ({summary['seconds']:.1f} s)")
+    if not summary["scored"]:
+        raise ValueError(f"nothing in {args.manifest} was scored as {args.task} ({summary['lines']} lines, "
+                         f"{summary['errors']} errors; each line's error is in {out}/per_example.jsonl)")
     return 0
 
 

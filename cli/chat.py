@@ -103,7 +103,8 @@ def _load_chat(args: argparse.Namespace, settings, recordings: list[dict]):
     read_checkpoint_meta(args.model)  # a clear error for a directory that is not a checkpoint
     chosen = placement(args)
     chat = AudioChat.from_pretrained(
-        args.model, device=chosen.device, dtype=chosen.dtype, quantization=chosen.quantization, settings=settings
+        args.model, device=chosen.device, dtype=chosen.dtype, quantization=chosen.quantization, settings=settings,
+        trust_remote_code=chosen.trust_remote_code,
     )
     for rec in recordings:
         chat.add_recording((rec["wave"], SAMPLING_RATE), rec["name"])

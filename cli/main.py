@@ -88,6 +88,9 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from eardrum.adapters import __version__
+    from eardrum.common.generation import MAX_TRAIN_SEED
+
+    from .options import seed_type
 
     parser = argparse.ArgumentParser(prog="eardrum", description="Give a large language model ears.")
     parser.add_argument("--version", action="version", version=f"eardrum {__version__}")
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--assets", help="a folder holding the weight packages already (no network needed)")
     demo.add_argument("--out", default="runs/demo", help="where the checkpoints and results go")
     demo.add_argument("--whisper", default="tiny.en", choices=["tiny.en", "base"])
-    demo.add_argument("--seed", type=int, default=0, help="seeds the data and the training")
+    demo.add_argument("--seed", type=seed_type(MAX_TRAIN_SEED, "2**32 - 1"), default=0,
+                      help="seeds the data and the training")
     demo.add_argument("--report", nargs="+", metavar="RUN",
                       help="train nothing: the table of finished runs (run folders or results.json), mean and each")
     demo.add_argument("--readme", metavar="README", help="with --report: write the table into this README")

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import MISSING, fields
 
 from eardrum.adapters.placement import AUTO, DTYPE_NAMES, QUANTIZATIONS, Placement
-from eardrum.common.generation import GenerationSettings
+from eardrum.common.generation import MAX_SEED, GenerationSettings
 
 
 def field_default(cls: type, name: str):
@@ -23,6 +23,21 @@ def field_default(cls: type, name: str):
     raise ValueError(f"{cls.__name__} has no field {name!r}")
 
 
+def seed_type(maximum: int = MAX_SEED, shown: str = "2**64 - 1"):
+    """argparse type of a --seed: an integer from 0 to `maximum` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer from 0 to {shown}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """--max-new-tokens, --temperature, --top-p, --repetition-penalty, --seed (`GenerationSettings`)."""
     group = parser.add_argument_group("generation")
@@ -32,7 +47,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=default("top_p"), help="nucleus sampling, with --temperature > 0")
     penalty = default("repetition_penalty")
     group.add_argument("--repetition-penalty", type=float, default=penalty, help="> 1 discourages repeats; 1 = off")
-    group.add_argument("--seed", type=int, default=default("seed"), help="makes sampling reproducible")
+    group.add_argument("--seed", type=seed_type(), default=default("seed"), help="makes sampling reproducible")
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
@@ -47,7 +62,7 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 
 
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --quantization (`eardrum.adapters.placement.Placement`)."""
+    """--device, --dtype, --quantization, --trust-remote-code (`eardrum.adapters.placement.Placement`)."""
     group = parser.add_argument_group("placement")
     group.add_argument(
         "--device", default=field_default(Placement, "device"), help="auto (cuda if available, else cpu), cpu, cuda, "
@@ -60,10 +75,16 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
         choices=[q for q in QUANTIZATIONS if q is not None],
         help="load the LLM quantized (bitsandbytes)",
     )
+    group.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let the LLM's own Python code (an auto_map in its folder) run; off unless given here, whatever "
+        "the checkpoint says",
+    )
 
 
 def placement(args: argparse.Namespace) -> Placement:
     """The `Placement` the options ask for, checked (a `PlacementError` names every bad value)."""
-    chosen = Placement(device=args.device, dtype=args.dtype, quantization=args.quantization)
+    chosen = Placement(device=args.device, dtype=args.dtype, quantization=args.quantization,
+                       trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
     chosen.validate()
     return chosen

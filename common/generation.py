@@ -17,6 +17,10 @@ class GenerationSettingsError(ValueError):
     """Invalid generation settings; the message lists every problem."""
 
 
+MAX_SEED = 2**64 - 1  # the largest seed torch's generators take
+MAX_TRAIN_SEED = 2**32 - 1  # training seeds numpy too, whose seeds stop here
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """How answers are generated."""
@@ -39,8 +43,8 @@ class GenerationSettings:
             out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             out.append(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
-        if self.seed is not None and (not _is_count(self.seed) or self.seed < 0):
-            out.append(f"seed: expected a non-negative integer or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_count(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            out.append(f"seed: expected an integer from 0 to 2**64 - 1, or None, got {self.seed!r}")
         if not isinstance(self.fast, bool):
             out.append(f"fast: expected True or False, got {self.fast!r}")
         return out

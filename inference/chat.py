@@ -87,6 +87,7 @@ class AudioChat:
         dtype: torch.dtype | str | None = None,
         quantization: str | None = None,
         settings: GenerationSettings | None = None,
+        trust_remote_code: bool = False,
     ) -> AudioChat:
         """Load a checkpoint directory for chatting, placed by `eardrum.adapters.placement.load_placed`.
 
@@ -97,10 +98,13 @@ class AudioChat:
                 bfloat16 on a GPU that supports it (else float16), float32 on CPU.
             quantization: None, "4bit" or "8bit" for the LLM (bitsandbytes; it places the LLM itself).
             settings: default generation settings for `ask` and `stream`.
+            trust_remote_code: let the LLM's own Python code run (off unless given here; a checkpoint
+                that asks for it gets a warning instead).
         """
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
-        given = {"device": None if device is None else str(device), "dtype": dtype, "quantization": quantization}
+        given = {"device": None if device is None else str(device), "dtype": dtype, "quantization": quantization,
+                 "trust_remote_code": trust_remote_code}
         model, processor = load_placed(directory, Placement(**{k: v for k, v in given.items() if v is not None}))
         return cls(model, processor, settings=settings, name=str(directory))
 

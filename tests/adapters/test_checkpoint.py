@@ -130,3 +130,72 @@ def test_projector_weights_that_do_not_fit_the_config_are_refused(saved, tmp_pat
     (copy / "eardrum_config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="projector weights do not match"):
         load_pretrained(copy)
+
+
+def _copy(saved, tmp_path, name="copy"):
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(saved[2], copy)
+    return copy
+
+
+def test_a_checkpoint_cannot_switch_on_remote_code(saved, model_dirs, tmp_path, monkeypatch, caplog):
+    """A config saying trust_remote_code=true with an LLM folder that has an auto_map: the folder's Python
+    runs only when the caller asks for it."""
+    import logging
+    import shutil
+
+    llm = tmp_path / "llm"
+    shutil.copytree(model_dirs["llama"], llm)
+    marker = tmp_path / "remote-code-ran"
+    (llm / "evil.py").write_text(
+        "import os, pathlib\npathlib.Path(os.environ['EARDRUM_TEST_MARKER']).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\n\n\nclass EvilModel(LlamaForCausalLM):\n    pass\n"
+    )
+    config = json.loads((llm / "config.json").read_text())
+    (llm / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.EvilModel"}}))
+    copy = _copy(saved, tmp_path)
+    meta = json.loads((copy / "eardrum_config.json").read_text())
+    meta["config"].update(llm=str(llm), trust_remote_code=True)
+    (copy / "eardrum_config.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("EARDRUM_TEST_MARKER", str(marker))
+    with caplog.at_level(logging.WARNING, logger="eardrum.adapters.checkpoint"):
+        model, _ = load_pretrained(copy)
+    assert not marker.exists()
+    assert "says trust_remote_code=true; ignored" in caplog.text
+    assert model.config.trust_remote_code is False
+    load_pretrained(copy, trust_remote_code=True)  # asked for by the caller: now it runs
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "projector.safetensors").write_bytes((d / "projector.safetensors").read_bytes()[:100]),
+     r"projector\.safetensors: not a readable safetensors file"),
+    (lambda d: (d / "projector.safetensors").write_bytes(b""), r"projector\.safetensors: not a readable safetensors"),
+    (lambda d: (d / "llm_adapter" / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 50),
+     r"adapter_model\.safetensors: not a readable safetensors file"),
+    (lambda d: (d / "llm_adapter" / "adapter_model.bin").write_bytes(b"pickle"),
+     r"adapter_model\.bin: pickled weights are refused"),
+    (lambda d: (d / "eardrum_config.json").write_text("[1, 2]"),
+     r"eardrum_config\.json: expected a JSON object, got a list"),
+    (lambda d: (d / "eardrum_config.json").write_text('{"config": 3}'),
+     r"eardrum_config\.json: missing or malformed \['config', 'frame_spec', 'placeholder_id'\]"),
+])
+def test_a_damaged_checkpoint_names_the_file_in_load_and_info(saved, tmp_path, damage, message):
+    from eardrum.adapters.summary import describe_checkpoint
+
+    copy = _copy(saved, tmp_path)
+    damage(copy)
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(copy)
+    with pytest.raises(CheckpointError, match=message):
+        describe_checkpoint(copy)
+
+
+def test_merge_lora_refuses_an_existing_file_as_its_output(saved, tmp_path):
+    target = tmp_path / "existing.wav"
+    target.write_bytes(b"RIFF")
+    with pytest.raises(CheckpointError, match=r"existing\.wav: exists and is not a folder"):
+        merge_lora(saved[2], target)
+    assert target.read_bytes() == b"RIFF"

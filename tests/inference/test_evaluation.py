@@ -223,7 +223,8 @@ def test_cli_user_error_is_one_line_and_exit_code_2(built):
             2,
             "eardrum_config.json is missing",
         ),
-        (["generate", "--model", "{checkpoint}", "--out", "{tmp}/o.jsonl", "--task", "qa"], 0, "2 lines: 0 done"),
+        (["generate", "--model", "{checkpoint}", "--out", "{tmp}/o.jsonl", "--task", "qa"], 2,
+         "was answered (2 lines, 2 errors, none of task qa)"),
     ],
 )
 def test_cli_handlers_exit_codes_and_messages(built, tmp_path, capsys, args, code, message):
