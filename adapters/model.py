@@ -128,6 +128,7 @@ class AudioLLM(nn.Module):
         audio_frames: torch.Tensor | None = None,
         frame_lengths: torch.Tensor | None = None,
         labelled_logits_only: bool = False,
+        ctc: dict | None = None,
         **llm_kwargs,
     ):
         """Run the LLM on merged embeddings; with labels (B, T_text) it returns the loss too.
@@ -138,10 +139,38 @@ class AudioLLM(nn.Module):
         next-token cross-entropy over the labelled tokens; prompts and audio no longer pay for
         vocabulary-sized logits (most of a step's memory for a large vocabulary). LLMs whose forward
         lacks transformers' `logits_to_keep` get the full logits and `logit_positions` = all.
+
+        With `ctc` ({"rows" (R,), "targets", "target_lengths" (R,), "blank"}, as `Collator` makes it),
+        `output["ctc_loss"]` is the CTC loss of those rows' audio tokens read through the LLM's input
+        embeddings as a vocabulary (logits = audio token . embedding of each token; `blank` is a
+        token id standing for "no token here"), per target token: it pulls each stretch of audio
+        towards the embedding of the word said there. The embedding table gets no gradient from it.
         """
         if labels is not None and bool((labels == self.placeholder_id).any()):
             raise ValueError("labels contain the audio placeholder id; audio positions must be -100")
         embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
+        output = self._lm_forward(embeds, attention_mask, labels, labelled_logits_only, **llm_kwargs)
+        if ctc is not None:
+            output["ctc_loss"] = self.ctc_loss(embeds, input_ids == self.placeholder_id, ctc)
+        return output
+
+    def ctc_loss(self, embeds: torch.Tensor, audio_mask: torch.Tensor, ctc: dict) -> torch.Tensor:
+        """embeds (B, T_text, D_llm) with audio merged, audio_mask (B, T_text) -> the mean CTC loss per
+        target token of `ctc["rows"]` (see `forward`)."""
+        table = self.llm.get_input_embeddings().weight.detach()  # (V, D_llm): the audio moves, not the vocabulary
+        rows = ctc["rows"].tolist()
+        audio = [embeds[r][audio_mask[r].to(embeds.device)] for r in rows]  # R x (T_r, D_llm)
+        longest = max(a.shape[0] for a in audio)
+        padded = torch.stack([nn.functional.pad(a, (0, 0, 0, longest - a.shape[0])) for a in audio])  # (R, T, D)
+        log_probs = (padded.float() @ table.float().T).log_softmax(-1).transpose(0, 1)  # (T, R, V)
+        input_lengths = torch.tensor([a.shape[0] for a in audio])
+        return nn.functional.ctc_loss(
+            log_probs, ctc["targets"].to(log_probs.device), input_lengths, ctc["target_lengths"],
+            blank=int(ctc["blank"]), reduction="mean", zero_infinity=True,
+        )
+
+    def _lm_forward(self, embeds, attention_mask, labels, labelled_logits_only, **llm_kwargs):
+        """The LLM on merged embeddings, with the loss (on labelled positions only, if asked)."""
         if attention_mask is not None:
             attention_mask = attention_mask.to(embeds.device)
         if labels is not None:

@@ -451,9 +451,10 @@ class RecordChecker:
 
     @staticmethod
     def _transcript(value: Any, clips: list[int]) -> str:
-        """An optional transcript stands for the record's one clip (text-teacher distillation reads it)."""
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidRecord(f"field 'transcript': expected non-empty text, got {_kind(value)}")
+        """An optional transcript stands for the record's one clip (text-teacher distillation and the CTC
+        loss read it); "" says the clip holds no speech."""
+        if not isinstance(value, str):
+            raise InvalidRecord(f"field 'transcript': expected text (\"\" for no speech), got {_kind(value)}")
         if len(clips) != 1:
             raise InvalidRecord(f"field 'transcript': the record has {len(clips)} clips; a transcript stands for one")
         return value

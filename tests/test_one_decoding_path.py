@@ -109,6 +109,7 @@ OTHER_GENERATE_CALLS = {
     "adapters/model.py": "AudioLLM.generate hands the merged embeddings to the LLM's own generate",
     "common/decoding.py": "the one decoding path",
     "demo/run.py": "Whisper's own decoder, the reference the demo compares against",
+    "demo/make_sentences.py": "a one-off script sampling text from the plain LLM to write demo/sentences.txt",
 }
 
 

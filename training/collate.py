@@ -6,6 +6,10 @@ otherwise the run stops with that name instead of a bare traceback.
 
 With `teacher`, records that carry a `transcript` also get their conversation with the transcript in
 the clip's place, tokenised under `batch["teacher"]`, for text-teacher distillation (`teacher_kl`).
+
+With `ctc_blank` (a token id), records whose one clip has a known transcript (a `transcript` field, or
+the `text` of an "asr" record) get that transcript's token ids under `batch["ctc"]`, for the CTC loss
+that aligns the clip's audio tokens with the LLM's token embeddings (`AudioLLM.forward(ctc=...)`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Collator:
         featurize: bool = True,
         skip_bad: bool = False,
         teacher: bool = False,
+        ctc_blank: int | None = None,
     ) -> None:
         self.processor = processor
         self.records = records
@@ -38,6 +43,7 @@ class Collator:
         self.featurize = featurize
         self.skip_bad = skip_bad
         self.teacher = teacher
+        self.ctc_blank = ctc_blank
 
     def conversation(self, index: int) -> list[dict]:
         return build_conversation(self.records[index], self.prompts, self.seed)
@@ -64,7 +70,31 @@ class Collator:
                     text_in_place_of_audio(convs[k], self.records[indices[k]].fields["transcript"]) for k in rows
                 ]
                 batch["teacher"] = {**self.processor(texts, featurize=False), "rows": torch.tensor(rows)}
+        if self.ctc_blank is not None:
+            ctc = self._ctc_targets(indices)
+            if ctc is not None:
+                batch["ctc"] = ctc
         return batch
+
+    def _ctc_targets(self, indices: list[int]) -> dict | None:
+        """{"rows" (R,), "targets" (sum of lengths,), "target_lengths" (R,), "blank"} for the rows of the
+        batch whose one clip has a known transcript; None when no row has one."""
+        rows, targets, lengths = [], [], []
+        for k, i in enumerate(indices):
+            record = self.records[i]
+            said = record.fields.get("transcript")
+            if said is None and record.task == "asr" and len(record.clip_samples) == 1:
+                said = record.fields.get("text")
+            if said is None:
+                continue
+            ids = self.processor.tokenizer(said, add_special_tokens=False)["input_ids"] if said.strip() else []
+            rows.append(k)
+            targets += ids
+            lengths.append(len(ids))
+        if not rows:
+            return None
+        return {"rows": torch.tensor(rows), "targets": torch.tensor(targets, dtype=torch.long),
+                "target_lengths": torch.tensor(lengths), "blank": self.ctc_blank}
 
     def _one_is_good(self, index: int, bad: list[DataProblem]) -> bool:
         try:

@@ -20,6 +20,7 @@ import yaml
 
 from eardrum.adapters.config import AudioLLMConfig, ConfigError
 from eardrum.adapters.sources import QUANTIZATIONS
+from eardrum.common.generation import MAX_TRAIN_SEED
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16", "auto")
@@ -71,6 +72,7 @@ class TrainSettings:
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps
     seed: int = 0
+    ctc_weight: float = 0.0  # > 0: add this x the CTC loss of audio tokens against the transcript (`AudioLLM.forward`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU) | auto: bf16 where it is fast, else no
     quantization: str | None = None  # null | 4bit | 8bit: load the LLM quantized (QLoRA)
     gradient_checkpointing: bool = False
@@ -238,6 +240,10 @@ def _check(recipe: Recipe) -> list[str]:
         out.append(f"train.quantization: expected null, 4bit or 8bit, got {t.quantization!r}")
     if t.quantization and not recipe.lora.enabled:
         out.append("train.quantization: a quantized LLM is trained through LoRA; set lora.enabled: true")
+    if not t.ctc_weight >= 0:
+        out.append(f"train.ctc_weight: expected a number >= 0, got {t.ctc_weight}")
+    if not 0 <= t.seed <= MAX_TRAIN_SEED:
+        out.append(f"train.seed: expected an integer from 0 to 2**32 - 1 (numpy's seed range), got {t.seed}")
     for name in ("epochs", "log_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             out.append(f"train.{name}: expected >= 1, got {getattr(t, name)}")

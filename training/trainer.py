@@ -168,6 +168,7 @@ def train(recipe: Recipe) -> dict:
         featurize=cache is None,
         skip_bad=d.skip_bad,
         teacher=recipe.distill.kl_weight > 0,
+        ctc_blank=_ctc_blank(processor) if t.ctc_weight > 0 else None,
     )
     lengths = sequence_lengths(train_records, processor)
     weights = {s.label: s.weight for s in train_sources}
@@ -279,7 +280,10 @@ def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple
         sync = k == len(group) - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext():
             with acc.autocast():  # the text teacher's forward too, under the run's mixed precision
-                loss = _loss(model(**batch, labelled_logits_only=True), batch["labels"], teacher, core, recipe.distill)
+                output = model(**batch, labelled_logits_only=True)
+                loss = _loss(output, batch["labels"], teacher, core, recipe.distill)
+                if "ctc_loss" in output:
+                    loss = loss + recipe.train.ctc_weight * output["ctc_loss"]
             bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
             if bad.item() > 0:
                 wheres = [collate.records[i].where for i in ids]
@@ -298,6 +302,16 @@ def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple
     optimizer.zero_grad(set_to_none=True)
     mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=acc.device)
     return acc.reduce(mean, "mean").item(), examples, audio_samples / SAMPLING_RATE
+
+
+def _ctc_blank(processor) -> int:
+    """The token id the CTC loss uses as its blank: the tokenizer's padding (else end-of-text) token,
+    which no transcript contains."""
+    tokenizer = processor.tokenizer
+    blank = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if blank is None:
+        raise ValueError("train.ctc_weight > 0 needs a tokenizer with a padding or end-of-text token for the blank")
+    return int(blank)
 
 
 def _loss(output, labels: torch.Tensor, teacher: dict | None, core, settings: DistillSettings) -> torch.Tensor:

@@ -137,7 +137,7 @@ def test_transcripts_are_checked(tmp_path):
     )
     records, problems = load_records([DataSource(path=str(bad))])
     assert not records
-    assert "line 1" in problems[0].where and "field 'transcript': expected non-empty text" in problems[0].message
+    assert "line 1" in problems[0].where and "field 'transcript': expected text" in problems[0].message
     assert "line 2" in problems[1].where and "has 2 clips" in problems[1].message
 
 
