@@ -185,6 +185,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
 
 
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, read from its header without loading the data.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, empty or not safetensors; the message names it.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_slice(key).get_shape() for key in f.keys()}  # a truncated file fails here
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def check_adapter_dir(adapter_dir: Path) -> None:
     """Refuse a LoRA adapter folder peft would read through torch's unpickler, or whose weights are unreadable.
 
@@ -204,15 +219,7 @@ def check_adapter_dir(adapter_dir: Path) -> None:
             raise CheckpointError(f"{config}: expected a JSON object")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config}: missing or not valid JSON ({err})") from err
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key)  # reads every tensor's header: a truncated file fails here
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
+    safetensors_shapes(adapter_dir / ADAPTER_WEIGHTS)
 
 
 def load_processor(directory: str | Path) -> AudioProcessor:

@@ -6,8 +6,6 @@ import json
 import math
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
 from .audio import SAMPLING_RATE
 from .checkpoint import (
     ADAPTER_DIR,
@@ -16,6 +14,7 @@ from .checkpoint import (
     CheckpointError,
     check_adapter_dir,
     read_checkpoint_meta,
+    safetensors_shapes,
     stored_config,
 )
 from .encoders import WHISPER_HOP, FrameSpec
@@ -49,12 +48,7 @@ def describe_checkpoint(directory: str | Path) -> dict:
         spec = FrameSpec.from_dict(meta["frame_spec"])
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory / CONFIG_NAME}: malformed \"frame_spec\" ({err})") from err
-    weights = directory / WEIGHTS_NAME
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
+    shapes = safetensors_shapes(directory / WEIGHTS_NAME)
     if meta.get("has_lora"):
         check_adapter_dir(directory / ADAPTER_DIR)
     summary = {
