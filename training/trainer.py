@@ -210,7 +210,7 @@ def train(recipe: Recipe) -> dict:
         for group in groups[progress.micro_done // o.grad_accum :]:
             if t.log_examples:
                 _log_examples(out, acc, progress, group, train_records)
-            loss, n_examples, audio_s = _step(ctx, group, progress)
+            loss, n_examples, audio_s, ctc_loss = _step(ctx, group, progress)
             progress.step += 1
             progress.micro_done += len(group)
             progress.examples += n_examples
@@ -223,6 +223,8 @@ def train(recipe: Recipe) -> dict:
                 "examples_per_s": rate,
                 "audio_seconds": audio_s,
             }
+            if ctc_loss is not None:
+                record["ctc_loss"] = ctc_loss  # already inside "loss", weighted by train.ctc_weight
             if progress.step % t.log_every == 0 or progress.step == total_steps:
                 metrics.write(record)
             if bar is not None:
@@ -260,14 +262,15 @@ def train(recipe: Recipe) -> dict:
     return result
 
 
-def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple[float, int, float]:
+def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple[float, int, float, float | None]:
     """One optimizer step over a group of micro-batches.
 
-    Returns the mean loss across micro-batches and ranks, this rank's examples, and their seconds of audio
-    (from the records' clip lengths, so the same for every encoder and with or without the feature cache).
+    Returns the mean loss across micro-batches and ranks, this rank's examples, their seconds of audio
+    (from the records' clip lengths, so the same for every encoder and with or without the feature cache),
+    and the mean unweighted CTC loss of the micro-batches that had one on this rank (None where none had).
     """
     model, core, optimizer, collate, acc, recipe = ctx.model, ctx.core, ctx.optimizer, ctx.collate, ctx.acc, ctx.recipe
-    losses, examples, audio_samples = [], 0, 0
+    losses, ctc_losses, examples, audio_samples = [], [], 0, 0
     for k, indices in enumerate(group):
         batch = collate(indices)
         ids = batch.pop("example_ids")
@@ -284,6 +287,7 @@ def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple
                 loss = _loss(output, batch["labels"], teacher, core, recipe.distill)
                 if "ctc_loss" in output:
                     loss = loss + recipe.train.ctc_weight * output["ctc_loss"]
+                    ctc_losses.append(float(output["ctc_loss"].detach()))
             bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "sum")
             if bad.item() > 0:
                 wheres = [collate.records[i].where for i in ids]
@@ -301,7 +305,8 @@ def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=acc.device)
-    return acc.reduce(mean, "mean").item(), examples, audio_samples / SAMPLING_RATE
+    ctc = sum(ctc_losses) / len(ctc_losses) if ctc_losses else None
+    return acc.reduce(mean, "mean").item(), examples, audio_samples / SAMPLING_RATE, ctc
 
 
 def _ctc_blank(processor) -> int:

@@ -86,6 +86,7 @@ def test_a_run_with_ctc_lowers_it_and_the_weight_is_checked(tmp_path):
         "optim.lr=0.01",
     ])
     train(recipe)
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    records = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses, ctc = [r["loss"] for r in records], [r["ctc_loss"] for r in records]  # every step had a transcript
     assert losses[-1] < losses[0]
+    assert ctc[-1] < ctc[0] and all(c < loss for c, loss in zip(ctc, losses))  # logged alone, and inside the loss
