@@ -11,6 +11,7 @@ then on; requests that arrive while the model loads wait for it.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from pathlib import Path
 
@@ -92,6 +93,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=default("max_audio_seconds"),
         help="the most audio one request may hold, all clips together (default: %(default)s)",
     )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("EARDRUM_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` on /v1 requests (default: $EARDRUM_API_KEY; none: open)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (e.g. https://app.example.com, or *) whose pages may call the API; repeatable "
+        "(default: none, no CORS headers)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: info)")
     add_placement_options(serve)
     serve.set_defaults(run=run_serve)
@@ -129,9 +143,6 @@ def run_serve(args: argparse.Namespace) -> int:
     """Handler of `eardrum serve`: check the arguments, take the port, then load and serve until stopped."""
     model_dir = _check_model_dir(args.model)
     chosen = placement(args)  # a bad --device, --dtype or --quantization is named before anything loads
-    sock = listen(args.host, args.port)
-    from eardrum.inference.server import serve
-
     settings = ServerSettings(
         model_name=args.model_name or model_dir.resolve().name,
         max_batch=args.max_batch,
@@ -139,7 +150,13 @@ def run_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_request_bytes=args.max_request_bytes,
         max_audio_seconds=args.max_audio_seconds,
+        api_key=args.api_key,
+        cors_origins=tuple(args.cors_origin),
     )
+    settings.validate()  # a bad --cors-origin or empty --api-key is named before the port is taken
+    sock = listen(args.host, args.port)
+    from eardrum.inference.server import serve
+
     try:
         serve(str(model_dir), sock, settings, placement=chosen, log_level=args.log_level)
     finally:

@@ -4,6 +4,11 @@
     GET  /v1/models             the one model served (also GET /v1/models/{id})
     GET  /health                liveness; requests waiting, batches and requests run, the largest batch
 
+Requests to /v1 must send their body as `application/json` (415 otherwise: a web page cannot post one
+across origins without the browser asking first) and, when the server has an API key, the header
+`Authorization: Bearer KEY` (401 otherwise). Browsers get CORS headers only for the origins the server
+names (`--cors-origin`); with none named, no page on another origin can read an answer.
+
 A request's body is read with a size limit on the event loop; its JSON is validated, its audio
 decoded and its prompt tokenized on a pool thread; then it is queued for the generation thread of
 `batch_engine`, which runs waiting requests as one batched `generate` (streaming ones included) and
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
 import io
 import logging
 import socket
@@ -33,6 +39,8 @@ from jinja2 import TemplateError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -217,6 +225,31 @@ def _too_large(size: int | None, limit: int) -> APIError:
     )
 
 
+def check_json_body(request: Request) -> None:
+    """415 unless the request declares its body as JSON (`Content-Type: application/json`)."""
+    declared = request.headers.get("content-type", "")
+    if declared.split(";")[0].strip().lower() != "application/json":
+        raise APIError(
+            415,
+            f"the request body must be JSON, sent with Content-Type: application/json; got {declared or 'none'!r}",
+            code="unsupported_media_type",
+        )
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """401 in OpenAI's shape unless the server has no key or the request sends `Authorization: Bearer <key>`."""
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        what = "a wrong API key" if given else "no API key"
+        raise APIError(
+            401,
+            f"this server needs an API key: the request sent {what}; send the header Authorization: Bearer KEY",
+            code="invalid_api_key",
+        )
+
+
 def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> Starlette:
     """The ASGI app; its lifespan starts and stops the generation thread."""
     settings.validate()
@@ -227,6 +260,8 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
     started = int(time.time())
 
     async def chat_completions(request: Request) -> Response:
+        check_api_key(request, settings.api_key)
+        check_json_body(request)
         raw = await _read_body(request, settings.max_request_bytes)
         chat, conversation, prompt_tokens = await run_in_threadpool(reader, raw)
         job = Job(conversation, chat.options, chat.stream, asyncio.get_running_loop())
@@ -238,9 +273,11 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
         return JSONResponse(await _complete(job, reply))
 
     async def models(request: Request) -> Response:
+        check_api_key(request, settings.api_key)
         return JSONResponse({"object": "list", "data": [model_body(settings.model_name, started)]})
 
     async def one_model(request: Request) -> Response:
+        check_api_key(request, settings.api_key)
         name = request.path_params["name"]
         if name != settings.model_name:
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
@@ -264,7 +301,13 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
         Route("/health", health, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = []
+    if settings.cors_origins:  # none named: no CORS headers at all, so other origins cannot read answers
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        ))
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:

@@ -16,6 +16,8 @@ class ServerSettings:
     max_new_tokens: int = 512  # larger max_tokens are capped to this
     max_request_bytes: int = 25_000_000  # larger bodies get 413
     max_audio_seconds: float = 600.0  # per request, all clips together
+    api_key: str | None = None  # set: every /v1 request needs `Authorization: Bearer <api_key>` (else 401)
+    cors_origins: tuple[str, ...] = ()  # web origins allowed to call the API from a browser; none: no CORS headers
 
     def validate(self) -> None:
         """Raise one ValueError listing every setting out of range."""
@@ -26,7 +28,20 @@ class ServerSettings:
         ]
         if not self.batch_wait_ms >= 0:
             problems.append(f"batch_wait_ms: expected a number >= 0, got {self.batch_wait_ms!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            problems.append("api_key (--api-key): expected a non-empty key, or none for a server without one")
+        problems += [
+            f"cors_origins (--cors-origin): expected an origin such as https://example.com, got {origin!r}"
+            for origin in self.cors_origins
+            if not _is_origin(origin)
+        ]
         if not self.model_name:
             problems.append("model_name: expected a non-empty name")
         if problems:
             raise ValueError("invalid server settings: " + "; ".join(problems))
+
+
+def _is_origin(text: str) -> bool:
+    """"*" or a browser origin: scheme and host (and port), no path, e.g. https://app.example.com:8443."""
+    scheme, _, host = text.partition("://")
+    return text == "*" or (scheme in ("http", "https") and bool(host) and "/" not in host)

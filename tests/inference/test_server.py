@@ -324,7 +324,8 @@ def test_oversize_request_gets_413(server):
         for _ in range(5):
             yield b"x" * 100_000
 
-    chunked = httpx.post(f"{server}/v1/chat/completions", content=pieces(), timeout=TIMEOUT)
+    json_type = {"content-type": "application/json"}
+    chunked = httpx.post(f"{server}/v1/chat/completions", content=pieces(), headers=json_type, timeout=TIMEOUT)
     assert _error(chunked, 413)["code"] == "request_too_large"
 
 
@@ -394,3 +395,52 @@ def test_busy_port_is_a_one_line_error(checkpoint):
         result = _serve("--model", str(checkpoint), "--host", HOST, "--port", str(taken.getsockname()[1]))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_body_must_be_declared_json(server):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    url = f"{server}/v1/chat/completions"
+    for declared in ("text/plain", "application/x-www-form-urlencoded", None):  # what a page may send cross-origin
+        headers = {"content-type": declared} if declared else {}
+        error = _error(httpx.post(url, content=body, headers=headers, timeout=TIMEOUT), 415)
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    ok = httpx.post(url, content=body, headers={"content-type": "application/json; charset=utf-8"}, timeout=TIMEOUT)
+    assert ok.status_code == 200
+
+
+def test_no_cors_headers_unless_an_origin_is_named(server, direct):
+    page = {"origin": "https://evil.example"}
+    assert "access-control-allow-origin" not in httpx.get(f"{server}/v1/models", headers=page).headers
+    preflight = httpx.options(f"{server}/v1/chat/completions", headers={
+        **page, "access-control-request-method": "POST", "access-control-request-headers": "content-type"})
+    assert "access-control-allow-origin" not in preflight.headers
+    settings = ServerSettings(model_name=MODEL, max_new_tokens=4, cors_origins=("https://app.example",))
+    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+        allowed = httpx.get(f"{base}/v1/models", headers={"origin": "https://app.example"})
+        other = httpx.get(f"{base}/v1/models", headers=page)
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_an_api_key_is_required_when_set(direct):
+    settings = ServerSettings(model_name=MODEL, max_new_tokens=4, api_key="s3cret")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+        url = f"{base}/v1/chat/completions"
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            error = _error(httpx.post(url, json=body, headers=headers, timeout=TIMEOUT), 401)
+            assert error["code"] == "invalid_api_key" and "s3cret" not in error["message"]
+        assert _error(httpx.get(f"{base}/v1/models"), 401)["code"] == "invalid_api_key"
+        assert httpx.get(f"{base}/health").status_code == 200  # liveness stays open
+        key = {"authorization": "Bearer s3cret"}
+        assert httpx.post(url, json=body, headers=key, timeout=TIMEOUT).status_code == 200
+        client = OpenAI(base_url=f"{base}/v1", api_key="s3cret", timeout=TIMEOUT, max_retries=0)
+        assert client.models.list().data[0].id == MODEL
+
+
+@pytest.mark.parametrize(("option", "named"), [(["--cors-origin", "app.example"], "--cors-origin"),
+                                               (["--api-key", " "], "--api-key")])
+def test_bad_cors_origin_or_empty_key_is_a_one_line_error(tmp_path, option, named):
+    result = _serve("--model", str(tmp_path), "--port", str(_free_port()), *option)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr
