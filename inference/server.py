@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -262,7 +262,12 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
     async def chat_completions(request: Request) -> Response:
         check_api_key(request, settings.api_key)
         check_json_body(request)
-        raw = await _read_body(request, settings.max_request_bytes)
+        try:
+            raw = await _read_body(request, settings.max_request_bytes)
+        except ClientDisconnect:  # nobody is left to answer: one line in the log, no traceback
+            peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+            logger.info("%s disconnected while sending its request body; nothing was run", peer)
+            return Response(status_code=400)
         chat, conversation, prompt_tokens = await run_in_threadpool(reader, raw)
         job = Job(conversation, chat.options, chat.stream, asyncio.get_running_loop())
         engine.submit(job)

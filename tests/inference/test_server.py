@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -444,3 +445,19 @@ def test_bad_cors_origin_or_empty_key_is_a_one_line_error(tmp_path, option, name
     result = _serve("--model", str(tmp_path), "--port", str(_free_port()), *option)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_client_leaving_during_its_upload_is_one_log_line(direct, caplog):
+    app = create_app(direct.model, direct.processor, ServerSettings(model_name=MODEL, max_new_tokens=4))
+    with caplog.at_level(logging.INFO), _in_process_server(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + b"{" * 1000)
+                time.sleep(0.1)
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/health").status_code == 200  # still serving
+    said = [r for r in caplog.records if "disconnected while sending" in r.getMessage()]
+    assert len(said) == 3 and not any(r.exc_info for r in caplog.records)
+    assert "Traceback" not in caplog.text
