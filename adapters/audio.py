@@ -12,6 +12,7 @@ and the message says to pass ``array.T``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Callable, Mapping
@@ -58,6 +59,16 @@ class AudioTooLongError(AudioError):
 def audio_duration(num_samples: int, sampling_rate: int = SAMPLING_RATE) -> float:
     """Returns the duration in seconds of ``num_samples`` samples at ``sampling_rate`` Hz."""
     return num_samples / sampling_rate
+
+
+def window_key(wave: np.ndarray) -> str:
+    """Stable content hash (sha256 hex) of one audio window: its length and its float32 samples."""
+    samples = np.ascontiguousarray(wave, dtype="<f4")  # the featurizer sees float32, so key on that
+    if samples.ndim != 1:
+        raise ValueError(f"window_key expects a 1-D waveform, got shape {samples.shape}")
+    digest = hashlib.sha256(len(samples).to_bytes(8, "little"))
+    digest.update(samples)
+    return digest.hexdigest()
 
 
 def load_audio(

@@ -25,7 +25,8 @@ from .encoders import AudioFeaturizer, FrameSpec, build_speech_encoder
 from .model import AudioLLM
 from .processor import AudioProcessor
 from .projectors import build_projector
-from .sources import load_causal_lm, load_speech_model
+from .sources import load_causal_lm, load_speech_model, speech_model_location
+from .transcribe import build_transcriber
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,15 @@ def build_audio_llm(
     d_llm = llm.get_input_embeddings().embedding_dim
     projector = build_projector(config.projector, encoder.hidden_size, d_llm)
     model = AudioLLM(config, encoder, projector, llm, processor.placeholder_id).eval()
+    if config.transcript_hint:
+        if encoder.spec.kind != "whisper":
+            raise CheckpointError(
+                f"transcript_hint needs a Whisper encoder with its decoder; {config.encoder} is a "
+                f"{encoder.spec.kind} encoder. Set transcript_hint: false, or use a Whisper encoder"
+            )
+        location = speech_model_location(config.encoder, cache_dir)
+        model.transcriber = build_transcriber(speech_model, feature_extractor, location).eval()
+        processor.transcriber = model.transcriber
     counts = model.trainable_summary()
     logger.info(
         "built audio LLM: encoder %s (%d params, frozen), LLM %s (%d params), projector %s (%d params)",
@@ -263,6 +273,7 @@ def load_pretrained(
         check_adapter_dir(directory / ADAPTER_DIR)
     model, _ = build_audio_llm(config, quantization=quantization, dtype=dtype, cache_dir=cache_dir)
     processor = load_processor(directory)
+    processor.transcriber = model.transcriber
     if processor.placeholder_id != meta["placeholder_id"]:
         raise CheckpointError(
             f"{directory}: placeholder id {processor.placeholder_id} != saved {meta['placeholder_id']}"

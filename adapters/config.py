@@ -39,6 +39,7 @@ class AudioLLMConfig:
     max_audio_seconds: float | None = None  # longer clips are an error; None = no limit
     label_mode: str = "all_assistant"  # which tokens carry loss; see LABEL_MODES
     trust_remote_code: bool = False
+    transcript_hint: bool = False  # Whisper only: its decoder's transcript follows each window's tokens (transcribe.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.projector, dict):
@@ -61,6 +62,9 @@ class AudioLLMConfig:
             )
         if self.max_audio_seconds is not None and not self.max_audio_seconds > 0:
             out.append(f"max_audio_seconds: expected a positive number or null, got {self.max_audio_seconds!r}")
+        for name in ("pad_to_30s", "time_markers", "trust_remote_code", "transcript_hint"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.label_mode not in LABEL_MODES:
             out.append(f"label_mode: expected one of {', '.join(LABEL_MODES)}, got {self.label_mode!r}")
         try:

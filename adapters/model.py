@@ -47,6 +47,9 @@ class AudioLLM(nn.Module):
         self.projector = projector
         self.llm = llm
         self.placeholder_id = placeholder_id
+        # Whisper's own decoder, when the config gives the LLM its transcripts (`transcript_hint`); it shares
+        # the encoder's modules, and like them it is frozen. Set by `build_audio_llm`.
+        self.transcriber: nn.Module | None = None
         # Windows encoded per encoder forward: bounds memory for hour-long recordings (120 windows of 30 s).
         self.windows_per_forward = 8
 

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from tokenizers import AddedToken
 
-from .audio import SAMPLING_RATE, load_audio
+from .audio import SAMPLING_RATE, load_audio, window_key
 from .config import AudioLLMConfig, num_audio_tokens, plan_windows, window_samples
 from .encoders import AudioFeaturizer
+from .transcribe import TranscriberError, hint_text
 
 IGNORE_INDEX = -100
 
@@ -64,7 +65,9 @@ class _Rendered:
 class AudioProcessor:
     """Turns conversations into tensors for `AudioLLM`. Holds the tokenizer and the featurizer."""
 
-    def __init__(self, tokenizer, featurizer: AudioFeaturizer, config: AudioLLMConfig) -> None:
+    def __init__(
+        self, tokenizer, featurizer: AudioFeaturizer, config: AudioLLMConfig, transcriber=None
+    ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("AudioProcessor needs a fast tokenizer (character offsets are used for labels)")
         if not tokenizer.chat_template:
@@ -78,6 +81,9 @@ class AudioProcessor:
         added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         special = {*added, *tokenizer.all_special_tokens} - {config.placeholder, ""}
         self._special_tokens = sorted(special, key=len, reverse=True)
+        # `transcriber(windows) -> list[str]` (transcribe.WhisperTranscriber) when config.transcript_hint is on
+        self.transcriber = transcriber
+        self._batched_hints: dict[str, str] | None = None  # during a call of many conversations: hints by window key
         self.window = window_samples(config, featurizer.spec)
         self.overlap = int(round(config.window_overlap_seconds * SAMPLING_RATE))
 
@@ -122,6 +128,9 @@ class AudioProcessor:
         labels_on = (not add_generation_prompt) if return_labels is None else return_labels
         mode = label_mode or self.config.label_mode
         side = padding_side or ("left" if add_generation_prompt else "right")
+        self._batched_hints = None
+        if self.config.transcript_hint and self.transcriber is not None and len(conversations) > 1:
+            self._batched_hints = self._hints_of_all(conversations)  # one batched decode, not one per clip
         rows, windows = [], []
         for i, conv in enumerate(conversations):
             rendered = self._render(conv, i, add_generation_prompt, mode if labels_on else None)
@@ -138,14 +147,44 @@ class AudioProcessor:
     def _clip_text(self, wave: np.ndarray, windows: list[np.ndarray]) -> tuple[str, int]:
         spans = plan_windows(len(wave), self.window, self.overlap)
         cfg, pieces, count = self.config, [], 0
-        for start, end in spans:
+        hints = self._hints([wave[start:end] for start, end in spans]) if cfg.transcript_hint else None
+        for k, (start, end) in enumerate(spans):
             if cfg.time_markers and len(spans) > 1:
                 pieces.append(time_marker(start / SAMPLING_RATE))
             n = self.num_audio_tokens(end - start)
             pieces.append(cfg.placeholder * n)
+            if hints is not None:
+                pieces.append(hints[k])
             windows.append(wave[start:end])
             count += n
         return (cfg.audio_begin or "") + "".join(pieces) + (cfg.audio_end or ""), count
+
+    def _hints(self, windows: list[np.ndarray]) -> list[str]:
+        """The transcript hint text of each window (transcribe.hint_text)."""
+        known = self._batched_hints
+        if known is not None and all(window_key(w) in known for w in windows):
+            texts = [known[window_key(w)] for w in windows]
+            return [hint_text(t, [*self._special_tokens, self.config.placeholder]) for t in texts]
+        if self.transcriber is None:
+            raise TranscriberError(
+                "this model's config has transcript_hint on, so each clip's prompt holds Whisper's transcript, "
+                "but the processor has no transcriber; load the model with load_pretrained or build_audio_llm, "
+                "not load_processor alone"
+            )
+        return [hint_text(t, [*self._special_tokens, self.config.placeholder]) for t in self.transcriber(windows)]
+
+    def _hints_of_all(self, conversations: list[list[dict]]) -> dict[str, str]:
+        """Whisper's transcript of every audio window in `conversations`, decoded in one batched call, by
+        window key (the conversations are rendered once without hints to find their windows)."""
+        found: list[np.ndarray] = []
+        transcriber = self.transcriber
+        self.transcriber = lambda windows: found.extend(windows) or [""] * len(windows)
+        try:
+            for i, conv in enumerate(conversations):
+                self._render(conv, i, False, None)
+        finally:
+            self.transcriber = transcriber
+        return {window_key(w): t for w, t in zip(found, transcriber(found))} if found else {}
 
     def _content(self, message: dict, where: str, windows: list[np.ndarray]) -> tuple[str, int]:
         content = message.get("content")

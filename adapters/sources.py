@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 SourceKind = Literal["ct2_whisper", "gguf", "local", "hub", "tiny"]
 TINY_PREFIX = "tiny:"  # "tiny:whisper", "tiny:llama", ...: tiny random bases written once into the cache
-TINY_VERSION = 2
+TINY_VERSION = 3
 # Bump when the converted folder's layout changes, so that stale caches are rebuilt rather than reused.
 CONVERTER_VERSION = 2
 _HASHED_FILES = ("model.bin", "config.json", "tokenizer.json")
@@ -298,6 +298,16 @@ def _generation_config(
     return config
 
 
+def speech_model_location(source: str, cache_dir: str | Path | None = None) -> str:
+    """Where transformers reads a speech model from: the hub id or local folder as given, or the converted
+    copy of a CTranslate2 Whisper folder (converted once, see `convert_ct2_whisper`)."""
+    path = _existing_path(source)
+    # A transformers folder never holds model.bin; the converter reads its header and says what it found.
+    if path is not None and path.is_dir() and (path / "model.bin").is_file():
+        return str(convert_ct2_whisper(path, cache_dir))
+    return str(path) if path is not None else source
+
+
 def load_speech_model(
     source: str, *, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, FeatureExtractionMixin]:
@@ -320,11 +330,7 @@ def load_speech_model(
         SourceNotFoundError: `source` looks like a local path but does not exist.
         CT2FormatError: a CTranslate2 folder cannot be converted.
     """
-    path = _existing_path(source)
-    location = str(path) if path is not None else source
-    # A transformers folder never holds model.bin; the converter reads its header and says what it found.
-    if path is not None and path.is_dir() and (path / "model.bin").is_file():
-        location = str(convert_ct2_whisper(path, cache_dir))
+    location = speech_model_location(source, cache_dir)
     config = AutoConfig.from_pretrained(location)
     model_class = WhisperForConditionalGeneration if config.model_type == "whisper" else AutoModel
     model = model_class.from_pretrained(location, dtype=dtype).eval()

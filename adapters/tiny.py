@@ -205,6 +205,8 @@ def _save_tiny_bases(root: Path, template: str) -> dict[str, str]:
         path = root / name
         _write_model(model, path)
         extra.save_pretrained(path)
+        if name == "whisper":  # a tokenizer for its decoder (transcript hints); any ids it writes decode to text
+            tokenizer.save_pretrained(path)
         dirs[name] = str(path)
     return dirs
 

@@ -108,7 +108,7 @@ def test_distillation_targets_are_the_decoding_paths_answers_to_the_transcript(s
 OTHER_GENERATE_CALLS = {
     "adapters/model.py": "AudioLLM.generate hands the merged embeddings to the LLM's own generate",
     "common/decoding.py": "the one decoding path",
-    "demo/run.py": "Whisper's own decoder, the reference the demo compares against",
+    "adapters/transcribe.py": "Whisper's own decoder: transcript hints, and the reference the demo compares against",
     "demo/make_sentences.py": "a one-off script sampling text from the plain LLM to write demo/sentences.txt",
 }
 

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from eardrum.adapters.audio import window_key
 from eardrum.adapters.encoders import AudioFeaturizer
 from eardrum.adapters.model import AudioLLM
 
@@ -81,16 +82,6 @@ def encoder_fingerprint(model: AudioLLM, featurizer: AudioFeaturizer | None = No
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         # A byte view, not a copy on CPU: hashing ~80 MB of Whisper-base takes tens of milliseconds.
         digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def window_key(wave: np.ndarray) -> str:
-    """Stable content hash (sha256 hex) of one audio window: its length and its float32 samples."""
-    samples = np.ascontiguousarray(wave, dtype="<f4")  # the featurizer sees float32, so key on that
-    if samples.ndim != 1:
-        raise ValueError(f"window_key expects a 1-D waveform, got shape {samples.shape}")
-    digest = hashlib.sha256(len(samples).to_bytes(8, "little"))
-    digest.update(samples)
     return digest.hexdigest()
 
 

@@ -65,6 +65,13 @@ def set_schedule_length(lr_at: Callable[[int], float], total_steps: int) -> None
     lr_at.total = total_steps
 
 
+def cache_root(recipe: Recipe) -> str:
+    """The folder of the feature cache (`cache.dir`, default `$EARDRUM_CACHE/features`); Whisper's transcript
+    hints are kept in its `transcripts/` folder."""
+    return recipe.cache.dir or os.path.join(os.environ.get("EARDRUM_CACHE", os.path.expanduser("~/.cache/eardrum")),
+                                            "features")
+
+
 def make_cache(recipe: Recipe, model: AudioLLM):
     """The feature cache for this encoder, or None (with the reason logged) where it cannot apply."""
     from .cache import FeatureCache, encoder_fingerprint
@@ -72,9 +79,7 @@ def make_cache(recipe: Recipe, model: AudioLLM):
     if recipe.model.encoder_layer == "weighted" or recipe.lora.encoder:
         logging.getLogger(__name__).info("feature cache off: the encoder output trains (weighted layers or LoRA)")
         return None
-    root = recipe.cache.dir or os.path.join(
-        os.environ.get("EARDRUM_CACHE", os.path.expanduser("~/.cache/eardrum")), "features"
-    )
+    root = cache_root(recipe)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[recipe.cache.dtype]
     return FeatureCache(root, encoder_fingerprint(model), dtype=dtype)
 
