@@ -94,6 +94,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="the most audio one request may hold, all clips together (default: %(default)s)",
     )
     serve.add_argument(
+        "--max-prompt-tokens",
+        type=_positive(int),
+        default=default("max_prompt_tokens"),
+        help="longer prompts, audio tokens included, get 400 before any generation (default: the LLM's context)",
+    )
+    serve.add_argument(
         "--api-key",
         default=os.environ.get("EARDRUM_API_KEY") or None,
         help="require `Authorization: Bearer KEY` on /v1 requests (default: $EARDRUM_API_KEY; none: open)",
@@ -150,6 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_request_bytes=args.max_request_bytes,
         max_audio_seconds=args.max_audio_seconds,
+        max_prompt_tokens=args.max_prompt_tokens,
         api_key=args.api_key,
         cors_origins=tuple(args.cors_origin),
     )

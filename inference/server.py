@@ -127,13 +127,25 @@ def _too_long(where: str, seconds: float, limit: float, used: float) -> APIError
     )
 
 
+def llm_context(model) -> int | None:
+    """The most positions the model's LLM holds (its config's `max_position_embeddings`), or None if unsaid."""
+    config = getattr(getattr(model, "llm", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class RequestReader:
     """Raw body -> validated request, decoded audio and prompt length. Runs on pool threads."""
 
-    def __init__(self, processor: AudioProcessor, settings: ServerSettings) -> None:
-        # A copy, so request threads never share a tokenizer with the generation thread.
-        self.processor = copy.deepcopy(processor)
+    def __init__(self, processor: AudioProcessor, settings: ServerSettings, context: int | None = None) -> None:
+        # A copy, so request threads never share a tokenizer with the generation thread; a transcriber
+        # (Whisper's decoder, for transcript hints) is a frozen model, shared rather than copied.
+        shared = {id(processor.transcriber): processor.transcriber} if processor.transcriber is not None else {}
+        self.processor = copy.deepcopy(processor, shared)
         self.settings = settings
+        # The longest prompt taken: --max-prompt-tokens, and below the LLM's context (room for one new token).
+        limits = [n for n in (settings.max_prompt_tokens, context - 1 if context else None) if n]
+        self.max_prompt_tokens = min(limits) if limits else None
         self._lock = threading.Lock()  # the copy is shared by the pool threads
 
     def __call__(self, raw: bytes) -> tuple[ChatRequest, list[dict], int]:
@@ -146,7 +158,16 @@ class RequestReader:
                 code="model_not_found",
             )
         conversation = decode_request_audio(chat.messages, self.settings.max_audio_seconds)
-        return chat, conversation, self._prompt_tokens(conversation)
+        tokens = self._prompt_tokens(conversation)
+        if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"messages: the prompt is {tokens} tokens (audio tokens included); this server takes prompts of at "
+                f"most {self.max_prompt_tokens} tokens. Shorten the messages or the audio",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return chat, conversation, tokens
 
     def _prompt_tokens(self, conversation: list[dict]) -> int:
         with self._lock:
@@ -256,7 +277,7 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
     engine = GenerationEngine(
         model, processor, max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000
     )
-    reader = RequestReader(processor, settings)
+    reader = RequestReader(processor, settings, context=llm_context(model))
     started = int(time.time())
 
     async def chat_completions(request: Request) -> Response:

@@ -16,6 +16,7 @@ class ServerSettings:
     max_new_tokens: int = 512  # larger max_tokens are capped to this
     max_request_bytes: int = 25_000_000  # larger bodies get 413
     max_audio_seconds: float = 600.0  # per request, all clips together
+    max_prompt_tokens: int | None = None  # longer prompts (audio tokens included) get 400; None: the LLM's context
     api_key: str | None = None  # set: every /v1 request needs `Authorization: Bearer <api_key>` (else 401)
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the API from a browser; none: no CORS headers
 
@@ -26,6 +27,8 @@ class ServerSettings:
             for name in ("max_batch", "max_new_tokens", "max_request_bytes", "max_audio_seconds")
             if not getattr(self, name) > 0
         ]
+        if self.max_prompt_tokens is not None and not self.max_prompt_tokens > 0:
+            problems.append(f"max_prompt_tokens: expected a positive number or none, got {self.max_prompt_tokens!r}")
         if not self.batch_wait_ms >= 0:
             problems.append(f"batch_wait_ms: expected a number >= 0, got {self.batch_wait_ms!r}")
         if self.api_key is not None and not self.api_key.strip():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import logging
 import os
 import socket
@@ -461,3 +462,26 @@ def test_a_client_leaving_during_its_upload_is_one_log_line(direct, caplog):
     said = [r for r in caplog.records if "disconnected while sending" in r.getMessage()]
     assert len(said) == 3 and not any(r.exc_info for r in caplog.records)
     assert "Traceback" not in caplog.text
+
+
+def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(direct, monkeypatch):
+    context = direct.model.llm.config.max_position_embeddings
+    long_text = "hello " * (context + 10)
+    calls = []
+    real = direct.model.generate
+    monkeypatch.setattr(direct.model, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = ServerSettings(model_name=MODEL, max_new_tokens=2, max_prompt_tokens=30)
+    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+        url = f"{base}/v1/chat/completions"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 40}], "max_tokens": 2}
+        error = _error(httpx.post(url, json=body, timeout=TIMEOUT), 400)
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert re.search(r"the prompt is \d+ tokens .* at most 30 tokens", error["message"]), error["message"]
+        assert not calls
+        short = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(url, json=short, timeout=TIMEOUT).status_code == 200
+    settings = ServerSettings(model_name=MODEL, max_new_tokens=2)  # no flag: the LLM's own context
+    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 2}
+        error = _error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=TIMEOUT), 400)
+        assert f"at most {context - 1} tokens" in error["message"]
