@@ -193,8 +193,9 @@ class GenerationEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs, fail the waiting ones, and let the running batch end."""
+    def drain(self) -> int:
+        """Stop taking jobs (new ones get 503 `shutting_down`), answer the waiting ones with that error, and
+        let the running batch finish. Safe from any thread, and to call again; returns how many were waiting."""
         with self._cond:
             self._closed = True
             dropped = list(self._pending)
@@ -202,6 +203,11 @@ class GenerationEngine:
             self._cond.notify_all()
         for job in dropped:
             job.emit(_shutting_down())
+        return len(dropped)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain, then wait up to `timeout` seconds for the running batch to end."""
+        self.drain()
         if self._thread.is_alive():
             self._thread.join(timeout)
 

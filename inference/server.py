@@ -25,6 +25,7 @@ import copy
 import hmac
 import io
 import logging
+import signal
 import socket
 import threading
 import time
@@ -66,6 +67,7 @@ from .openai_schema import (
 from .server_settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+SHUTDOWN_DEADLINE_S = 10  # after a stop signal, how long the running batch may take before uvicorn cuts it off
 
 
 def decode_request_audio(messages: list[dict], max_seconds: float) -> list[dict]:
@@ -333,7 +335,30 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         ))
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
+    app.state.engine = engine  # `serve` drains it the moment a stop signal arrives
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGINT / SIGTERM first drains the generation engine: requests still
+    waiting get 503 `shutting_down` at once, the running batch finishes (within uvicorn's graceful-shutdown
+    deadline), and the process then exits 0."""
+
+    def __init__(self, config: uvicorn.Config, engine: GenerationEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame) -> None:
+        waiting = self.engine.drain()
+        logger.warning("signal %d: draining (%d waiting requests answered 503 shutting_down); the running batch "
+                    "finishes, then the server exits", sig, waiting)
+        super().handle_exit(sig, frame)
+        # uvicorn raises a captured SIGTERM again once it has shut down, so the process would end killed by it;
+        # a drained server has done what SIGTERM asks and exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured:
+            captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
@@ -368,4 +393,5 @@ def serve(
         "requests per batch)",
         flush=True,
     )
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S)
+    DrainingServer(config, app.state.engine).run(sockets=[sock])

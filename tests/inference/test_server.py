@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from eardrum.cli.serve import listen
 from eardrum.common.decoding import generate_tokens, stop_token_ids
 from eardrum.common.generation import GenerationSettings
 from eardrum.demo.smoke import QUESTION, run_smoke
-from eardrum.inference.server import ServerSettings, create_app
+from eardrum.inference.server import DrainingServer, ServerSettings, create_app
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 HOST = "127.0.0.1"
@@ -485,3 +486,70 @@ def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(d
         body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 2}
         error = _error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=TIMEOUT), 400)
         assert f"at most {context - 1} tokens" in error["message"]
+
+
+def test_a_stop_signal_answers_waiting_requests_503_and_lets_the_running_one_finish(direct, monkeypatch):
+    real = direct.model.generate
+    monkeypatch.setattr(direct.model, "generate", lambda *a, **k: time.sleep(1.5) or real(*a, **k))
+    settings = ServerSettings(model_name=MODEL, max_new_tokens=4, max_batch=1, batch_wait_ms=0)
+    app = create_app(direct.model, direct.processor, settings)
+    engine = app.state.engine
+    sock = listen(HOST, 0)
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"), engine)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://{HOST}:{sock.getsockname()[1]}/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    replies: dict[int, httpx.Response] = {}
+
+    def post(k: int) -> None:
+        replies[k] = httpx.post(url, json=body, timeout=TIMEOUT)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+
+    try:
+        until(lambda: server.started)
+        posts = [threading.Thread(target=post, args=(0,))]
+        posts[0].start()
+        until(lambda: engine.stats()["requests"] == 1)  # the first runs (sleeping in generate)
+        posts += [threading.Thread(target=post, args=(k,)) for k in (1, 2)]
+        for p in posts[1:]:
+            p.start()
+        until(lambda: engine.stats()["waiting"] == 2)
+        server.handle_exit(signal.SIGTERM, None)
+        for p in posts:
+            p.join(timeout=TIMEOUT)
+        thread.join(timeout=30)
+    finally:
+        server.should_exit = True
+        sock.close()
+    assert replies[0].status_code == 200 and replies[0].json()["choices"][0]["finish_reason"]
+    for k in (1, 2):
+        error = _error(replies[k], 503)
+        assert error["code"] == "shutting_down", error
+    assert not thread.is_alive()
+
+
+def test_sigterm_stops_a_real_server_with_exit_code_0(checkpoint, tmp_path):
+    port = _free_port()
+    command = [sys.executable, "-m", "eardrum.cli", "serve", "--model", str(checkpoint), "--host", HOST, "--port",
+               str(port), "--model-name", MODEL]
+    with open(tmp_path / "log", "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, (tmp_path / "log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "draining" in (tmp_path / "log").read_text()
