@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 HINT_MAX_TOKENS = 128  # a 30 s window of fast speech is about 100 Whisper tokens; more is a decoding loop
 HINT_BATCH_SIZE = 8  # windows per generate call
 HINT_FORMAT = "\n[speech recognised: {text}]"  # written after each window's audio tokens
+WINDOW_SAMPLES = 30 * SAMPLING_RATE  # Whisper's window: the feature extractor would cut anything longer
 MEMORY_WINDOWS = 1024  # transcripts kept in memory without a cache file (a few hundred KB at most)
 HINT_NONE = "nothing"  # the text in HINT_FORMAT when Whisper's decoder writes no word
 
@@ -111,6 +112,12 @@ class WhisperTranscriber(nn.Module):
     @torch.no_grad()
     def forward(self, windows: list[np.ndarray]) -> list[str]:
         """windows: N 1-D float32 waves at 16 kHz, each at most 30 s -> N transcripts (stripped, maybe "")."""
+        too_long = next((i for i, w in enumerate(windows) if len(w) > WINDOW_SAMPLES), None)
+        if too_long is not None:
+            raise TranscriberError(
+                f"window {too_long} lasts {len(windows[too_long]) / SAMPLING_RATE:.1f} s; Whisper's decoder reads at "
+                f"most {WINDOW_SAMPLES // SAMPLING_RATE} s: cut longer audio into windows first (config.window_seconds)"
+            )
         keys = [window_key(w) for w in windows]
         texts = {k: self._known[k] for k in keys if k in self._known}
         todo = [i for i, k in enumerate(keys) if k not in texts]

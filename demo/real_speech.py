@@ -247,8 +247,9 @@ def model_replies(model, manifest: Path, out_dir: Path, batch_size: int = 8) -> 
     return [rows.get(n, {}).get("hypothesis", "") for n in range(1, count + 1)]
 
 
-def evaluate_real_speech(model, whisper_folder: str | Path, out_dir: str | Path, cache: Path | None = None) -> dict:
-    """The set's scores for `model` beside Whisper's own decoder on the same clips.
+def evaluate_real_speech(model, whisper_folder, out_dir: str | Path, cache: Path | None = None) -> dict:
+    """The set's scores for `model` beside Whisper's own decoder on the same clips (`whisper_folder`: a Whisper
+    source, or a `WhisperTranscriber`, as `whisper_reference_wer` takes).
 
     Returns {"clips", "seconds", "speakers", "wer", "whisper_wer", "wer_over_whisper",
     "no_transcript_share", "whisper_no_transcript_share", "wer_by_source", "examples"}.
@@ -264,7 +265,7 @@ def evaluate_real_speech(model, whisper_folder: str | Path, out_dir: str | Path,
     manifest = build_manifest(cache or default_cache_dir() / "real-speech")
     lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
     references = [line["text"] for line in lines]
-    whisper = score(references, [e["hypothesis"] for e in whisper_reference_wer(str(whisper_folder), manifest)[
+    whisper = score(references, [e["hypothesis"] for e in whisper_reference_wer(whisper_folder, manifest)[
         "examples"]], lines)
     ours = score(references, model_replies(model, manifest, Path(out_dir)), lines)
     return {

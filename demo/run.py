@@ -20,7 +20,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-WHISPER_MAX_TOKENS = 96  # Whisper's own decoder, as the reference: room for the longest held-out sentence
 DISTILL_MAX_TOKENS = 32  # the LLM's text answers that become the spoken questions' targets: short answers
 EVAL_BATCH_SIZE = 32  # prompts per generate call when the demo evaluates (larger than the CLI's, for speed)
 
@@ -57,28 +56,27 @@ def demo_wer(references: list[str], hypotheses: list[str]) -> float:
     return word_error_rate([spell_digits(r) for r in references], [spell_digits(h) for h in hypotheses])["wer"]
 
 
-def whisper_reference_wer(whisper_source: str, manifest: Path, batch_size: int = 8) -> dict:
-    """WER of the Whisper model's own decoder (greedy) on the clips of an ASR manifest."""
-    import torch
-    from transformers import AutoTokenizer
+def whisper_reference_wer(whisper, manifest: Path) -> dict:
+    """WER of the Whisper model's own decoder (greedy, on its 30 s window) on the clips of an ASR manifest.
 
-    from eardrum.adapters.audio import SAMPLING_RATE, load_audio
-    from eardrum.adapters.sources import convert_ct2_whisper, describe_source, load_speech_model
+    `whisper` is a `WhisperTranscriber` (a hinted model's own, so its transcript cache is shared) or a Whisper
+    source (hub id, transformers or CTranslate2 folder) to build one from."""
+    from eardrum.adapters.audio import load_audio
+    from eardrum.adapters.sources import load_speech_model, speech_model_location
+    from eardrum.adapters.transcribe import build_transcriber
 
-    model, feature_extractor = load_speech_model(whisper_source)
-    folder = convert_ct2_whisper(whisper_source) if describe_source(whisper_source) == "ct2_whisper" else whisper_source
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if isinstance(whisper, (str, Path)):
+        model, feature_extractor = load_speech_model(str(whisper))
+        whisper = build_transcriber(model, feature_extractor, speech_model_location(str(whisper)))
     lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-    refs, hyps = [], []
-    for start in range(0, len(lines), batch_size):
-        chunk = lines[start : start + batch_size]
-        waves = [load_audio(manifest.parent / line["audio"]) for line in chunk]
-        features = feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-        with torch.no_grad():
-            ids = model.generate(features, max_new_tokens=WHISPER_MAX_TOKENS)
-        hyps += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        refs += [line["text"] for line in chunk]
+    hyps = whisper([load_audio(manifest.parent / line["audio"]) for line in lines])
+    refs = [line["text"] for line in lines]
     return {"wer": demo_wer(refs, hyps), "examples": [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)]}
+
+
+def _whisper_of(loaded: tuple, source: Path):
+    """The loaded model's own transcriber (transcript hints on: shared transcripts) or the Whisper source."""
+    return getattr(loaded[0], "transcriber", None) or source
 
 
 def caption_scores(model_and_processor, manifest: Path, out_dir: Path) -> dict:
@@ -200,6 +198,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
                                                                                         data["caption_train"])], say)
     lap("stage1")
     model, processor = load_placed(stage1)  # placed as `eardrum chat` places it: the GPU when there is one
+    _share_transcripts(model)
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
     distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=DISTILL_MAX_TOKENS, batch_size=64)
@@ -216,11 +215,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     lap("stage2")
     say("evaluating on held-out data")
     loaded = load_placed(final)
+    _share_transcripts(loaded[0])
     asr = evaluate_manifest(
         loaded, data["asr_test"], "asr", batch_size=EVAL_BATCH_SIZE, out_dir=out / "eval" / "asr", progress=False
     )
     lap("eval_asr")
-    reference = whisper_reference_wer(str(assets.whisper), data["asr_test"])
+    reference = whisper_reference_wer(_whisper_of(loaded, assets.whisper), data["asr_test"])
     lap("eval_whisper_reference")
     qa = evaluate_manifest(
         loaded, data["qa_test"], "qa", parity=True, batch_size=EVAL_BATCH_SIZE, out_dir=out / "eval" / "qa",
@@ -231,7 +231,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     lap("eval_captions")
     evaluate_manifest(loaded, data["asr_noisy_test"], "asr", batch_size=EVAL_BATCH_SIZE,
                       out_dir=out / "eval" / "asr_noisy", progress=False)
-    noisy_reference = whisper_reference_wer(str(assets.whisper), data["asr_noisy_test"])
+    noisy_reference = whisper_reference_wer(_whisper_of(loaded, assets.whisper), data["asr_noisy_test"])
     lap("eval_asr_noisy")
     evaluate_manifest(loaded, data["nospeech_test"], "asr", batch_size=EVAL_BATCH_SIZE,
                       out_dir=out / "eval" / "nospeech", progress=False)
@@ -239,7 +239,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     evaluate_manifest(loaded, data["questions_asr_test"], "asr", batch_size=EVAL_BATCH_SIZE,
                       out_dir=out / "eval" / "questions_asr", progress=False)
     lap("eval_questions_asr")
-    real_speech = _real_speech(loaded, assets.whisper, out / "eval" / "real_speech", say)
+    real_speech = _real_speech(loaded, _whisper_of(loaded, assets.whisper), out / "eval" / "real_speech", say)
     lap("eval_real_speech")
     results = {
         "asr": {"wer": _eardrum_wer(out / "eval" / "asr"), "whisper_wer": reference["wer"],
@@ -266,6 +266,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say("minutes by part: " + ", ".join(f"{name} {sec / 60:.1f}" for name, sec in parts.items()))
     _answer_a_few(loaded, final, data["qa_test"], say)
     return results
+
+
+def _share_transcripts(model) -> None:
+    """A hinted model reads the transcripts the training runs decoded (the recipes' cache.dir) and adds its own."""
+    import torch
+
+    from eardrum.adapters.sources import default_cache_dir
+    from eardrum.training.setup import resolve_precision
+
+    if model.transcriber is not None:
+        model.transcriber.attach_cache(default_cache_dir() / "features" / "transcripts")
+        model.transcriber.autocast = torch.bfloat16 if resolve_precision("auto") == "bf16" else None
 
 
 def _real_speech(loaded, whisper_folder: Path, out_dir: Path, say) -> dict | None:

@@ -174,3 +174,10 @@ def test_without_a_file_the_latest_windows_are_remembered_in_bounded_memory(monk
     heard([c])  # a third window pushes out the least recent (a)
     heard([a])
     assert decoded == [2, 1, 1]
+
+
+def test_a_window_longer_than_whisper_reads_is_refused_not_cut():
+    heard = WhisperTranscriber(__import__("conftest").tiny_whisper(), whisper_feature_extractor(),
+                               build_tokenizer("chatml"), max_new_tokens=2)
+    with pytest.raises(TranscriberError, match="window 1 lasts 30.5 s; Whisper's decoder reads at most 30 s"):
+        heard([wave(0.5), wave(30.5)])

@@ -111,3 +111,27 @@ def test_demo_quick_end_to_end(tmp_path):
     assert sum(parts.values()) <= results["seconds"] + 1
     assert (tmp_path / "demo" / "stage2" / "final" / "eardrum_config.json").is_file()
     assert "| WER, held-out speech" in result.stdout and "answer:" in result.stdout
+
+
+def test_whisper_reference_uses_a_given_transcriber_so_a_hinted_model_shares_its_transcripts(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from eardrum.demo.run import whisper_reference_wer
+
+    texts = ["the cat sat", "on 2 mats"]
+    lines = []
+    for k, text in enumerate(texts):
+        sf.write(tmp_path / f"{k}.wav", np.zeros(8000 + 1600 * k, np.float32), 16000)
+        lines.append(json.dumps({"audio": f"{k}.wav", "text": text.replace("2", "two")}))
+    (tmp_path / "asr.jsonl").write_text("\n".join(lines) + "\n")
+    heard = []
+
+    def transcriber(windows):
+        heard.append([len(w) for w in windows])
+        return ["the cat sat", "on 2 hats"]
+
+    result = whisper_reference_wer(transcriber, tmp_path / "asr.jsonl")
+    assert heard == [[8000, 9600]]  # every clip in one call
+    assert result["wer"] == pytest.approx(1 / 6)
+    assert result["examples"][1] == {"reference": "on two mats", "hypothesis": "on 2 hats"}
