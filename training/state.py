@@ -13,6 +13,7 @@ Nothing here uses pickle: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -24,6 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TEMPORARY = re.compile(r"^\.(?:tmp-step-\d{8}|tmp-final|old-final)-(\d+)$")  # a save in progress, by its pid
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -172,3 +176,57 @@ def load_rank_rng(checkpoint: Path, rank: int) -> None:
     with safe_open(str(path), framework="pt") as f:
         data = json.loads(f.metadata()["rng"])
     set_rng_state(load_file(str(path)), data)
+
+
+def save_final(output_dir: str | Path, write_model) -> Path:
+    """Write `output_dir/final` atomically: `write_model(folder)` fills a temporary folder, which then takes
+    the place of any earlier `final/`. A kill at any point leaves either the old `final/` or the new one
+    (and a temporary folder that the next run clears), never a half-written `final/`."""
+    out = Path(output_dir)
+    final, pid = out / "final", os.getpid()
+    tmp, old = out / f".tmp-final-{pid}", out / f".old-final-{pid}"
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+    write_model(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clear_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Remove the temporary folders of saves that were killed: `.tmp-step-N-PID` under `checkpoints/`,
+    `.tmp-final-PID` and `.old-final-PID` in `output_dir`, where process PID no longer runs on this machine.
+    A `final/` lost between the two renames of `save_final` is restored from its `.old-final-PID`.
+    Returns what was removed."""
+    out = Path(output_dir)
+    removed = []
+    for folder in (out, checkpoints_dir(out)):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            found = TEMPORARY.match(path.name)
+            if not found or not path.is_dir() or _running(int(found.group(1))):
+                continue
+            if path.name.startswith(".old-final-") and not (out / "final").exists():
+                os.replace(path, out / "final")
+                logger.warning("%s: restored from %s, left by a run killed while saving", out / "final", path.name)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            logger.warning("%s: removed, the unfinished save of a run that was killed", path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (one we may not signal still runs)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -40,6 +40,7 @@ from .setup import (
     set_schedule_length,
     trim_jsonl,
 )
+from .state import clear_stale_temporaries, save_final
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -154,6 +155,7 @@ def train(recipe: Recipe) -> dict:
     t, o, d = recipe.train, recipe.optim, recipe.data
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(out)
         save_recipe(recipe, out / "recipe.yaml")
     data = _load_data(recipe, out, main)
     train_records, train_sources = data["train"]
@@ -261,7 +263,7 @@ def train(recipe: Recipe) -> dict:
         result["eval"] = _evaluate(core, processor, eval_records, recipe, prompts, cache, metrics, progress.step, acc)
     _save(recipe, core, processor, optimizer, progress, acc, metrics)
     if main:
-        core.save_pretrained(out / "final", processor)
+        save_final(out, lambda folder: core.save_pretrained(folder, processor))
         metrics.plot()
         result["final"] = str(out / "final")
         (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))

@@ -182,3 +182,51 @@ def test_audio_seconds_are_the_clip_durations_of_the_step_examples(tmp_path, enc
     assert [s["step"] for s in seen] == [r["step"] for r in logged] == [1, 2]
     assert sorted(w for s in seen for w in s["examples"]) == [f"{manifest} line {n}" for n in (1, 2, 3, 4)]
     assert [r["audio_seconds"] for r in logged] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_save_leaves_no_half_final_and_its_temporaries_are_cleared_next_start(tmp_path, monkeypatch):
+    from eardrum.adapters.model import AudioLLM
+
+    dead = _dead_pid()
+    run = tmp_path / "run"
+    stale = [run / "checkpoints" / f".tmp-step-00000006-{dead}", run / f".tmp-final-{dead}"]
+    alive = run / "checkpoints" / ".tmp-step-00000004-1"  # pid 1 runs: another process's save in progress
+    for folder in (*stale, alive):
+        folder.mkdir(parents=True)
+        (folder / "half.bin").write_bytes(b"x")
+    real = AudioLLM.save_pretrained
+
+    def killed_midway(self, directory, processor):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "eardrum_config.json").write_text("{}")
+        raise KeyboardInterrupt  # as a kill would stop it
+
+    monkeypatch.setattr(AudioLLM, "save_pretrained", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "train.max_steps=2", "train.save_every=null", "data.eval=[]"))
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert not (run / "final").exists()  # no final/ holding only its config
+    monkeypatch.setattr(AudioLLM, "save_pretrained", real)
+    train(tiny(tmp_path, "train.max_steps=2", "train.save_every=null", "data.eval=[]"))
+    assert (run / "final" / "projector.safetensors").is_file()
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # the killed save's folder is gone
+
+
+def test_a_final_lost_between_renames_is_restored_from_the_old_one(tmp_path):
+    from eardrum.training.state import clear_stale_temporaries
+
+    old = tmp_path / f".old-final-{_dead_pid()}"
+    old.mkdir()
+    (old / "projector.safetensors").write_bytes(b"weights")
+    clear_stale_temporaries(tmp_path)
+    assert (tmp_path / "final" / "projector.safetensors").read_bytes() == b"weights" and not old.exists()
