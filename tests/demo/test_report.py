@@ -71,3 +71,22 @@ def test_report_is_written_between_the_readme_markers_and_bad_input_is_named(tmp
     with pytest.raises(ReportError, match=r"missing\.json: cannot read"):
         report([tmp_path / "missing.json"])
     assert main(["demo", "--readme", str(readme)]) == 2  # --readme without --report
+
+
+def test_the_readme_table_is_the_report_of_the_results_files_it_names():
+    import re
+    from pathlib import Path
+
+    from eardrum.demo.report import README_END, README_START, report
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    assert 0 <= start < end, "the README lost its demo-results markers"
+    block = text[start + len(README_START):end].strip()
+    named = re.search(r"\(From (.+)\.\)$", block)
+    assert named, "the block must end by naming its results files"
+    files = re.findall(r"`([^`]+)`", named.group(1))
+    assert files and all((root / f).is_file() for f in files), files
+    table = block[: named.start()].strip()
+    assert table == report([root / f for f in files]), "regenerate with `eardrum demo --report FILES --readme README.md`"
