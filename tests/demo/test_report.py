@@ -89,4 +89,5 @@ def test_the_readme_table_is_the_report_of_the_results_files_it_names():
     files = re.findall(r"`([^`]+)`", named.group(1))
     assert files and all((root / f).is_file() for f in files), files
     table = block[: named.start()].strip()
-    assert table == report([root / f for f in files]), "regenerate with `eardrum demo --report FILES --readme README.md`"
+    again = "regenerate it with `eardrum demo --report FILES --readme README.md`"
+    assert table == report([root / f for f in files]), again
