@@ -51,7 +51,7 @@ def run(bases: dict, manifest: Path, out: Path, cache: str | None, steps: int, b
             "lora": {"enabled": True, "r": 16, "alpha": 32},
             "optim": {"lr": 1e-4},
             "cache": {"enabled": cache is not None, "dir": cache},
-            "train": {"max_steps": steps, "epochs": 1000, "log_every": 1},
+            "train": {"max_steps": steps, "epochs": 1000, "log_every": 1, "overwrite": True},
         }
     )
     start = time.perf_counter()

@@ -190,7 +190,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     data = build_demo_data(default_cache_dir() / "demo-data", assets, seed=seed, quick=quick)
     say(format_data_card(_data_card(data)))
     lap("data")
-    common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
+    # each `eardrum demo` is a fresh run: it replaces an earlier one in the same --out folder
+    common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}", "train.overwrite=true",
               f"cache.dir={default_cache_dir() / 'features'}"]
     steps = ["train.max_steps=40"] if quick else []
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.

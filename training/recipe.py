@@ -81,6 +81,7 @@ class TrainSettings:
     save_every: int | None = None  # optimizer steps between checkpoints; null = at the end only
     keep_checkpoints: int = 2
     resume_from: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # a fresh run into a folder holding an earlier run clears it first (else: refused)
     init_from: str | None = None  # start from a saved eardrum model (e.g. stage 1 for stage 2)
     tensorboard: bool = False
     log_examples: bool = False  # write output_dir/examples-rank{R}.jsonl: which examples each rank saw per step

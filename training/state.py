@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,82 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+LOCK_NAME = ".eardrum-train.lock"  # in output_dir while a run trains into it: {"pid", "host"}
+RUN_OUTPUTS = ("final", "checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
+
+
+class OutputDirError(RuntimeError):
+    """The output folder is in use by another run, or holds an earlier run that a fresh run would overwrite."""
+
+
+class RunLock:
+    """Holds `output_dir/.eardrum-train.lock` for the life of a run (a context manager).
+
+    A second run into the same folder fails at once naming the first one's pid and host. A lock whose process
+    no longer runs on this machine (a killed run) is taken over with a warning.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / LOCK_NAME
+        self.mine = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == self.mine["host"] and not _running(int(holder.get("pid", -1))):
+                    logger.warning("%s: taking over the lock of run pid %s, which no longer runs", self.path,
+                                   holder.get("pid"))
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise OutputDirError(
+                    f"{self.path.parent}: another run (pid {holder.get('pid')} on {holder.get('host')}) is training "
+                    f"into this folder; wait for it to end or choose another output_dir (if that run is gone for "
+                    f"good, delete {self.path})"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.mine, handle)
+            return self
+        raise OutputDirError(f"{self.path}: could not take the lock")
+
+    def __exit__(self, *exc) -> None:
+        if self._holder() == self.mine:
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+
+def earlier_run(output_dir: str | Path) -> list[str]:
+    """What an earlier run left in `output_dir` that a fresh run would overwrite (names; empty if nothing)."""
+    out = Path(output_dir)
+    found = [name for name in ("final", "summary.json") if (out / name).exists()]
+    if list_checkpoints(out):
+        found.append("checkpoints")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    return found
+
+
+def clear_earlier_run(output_dir: str | Path) -> None:
+    """Remove an earlier run's outputs from `output_dir` (models, checkpoints, logs), before a fresh run."""
+    out = Path(output_dir)
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for pattern in ("examples-rank*.jsonl", "bad_examples_*.jsonl"):
+        for path in out.glob(pattern):
+            path.unlink()

@@ -40,7 +40,14 @@ from .setup import (
     set_schedule_length,
     trim_jsonl,
 )
-from .state import clear_stale_temporaries, save_final
+from .state import (
+    OutputDirError,
+    RunLock,
+    clear_earlier_run,
+    clear_stale_temporaries,
+    earlier_run,
+    save_final,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -146,16 +153,27 @@ def _load_data(recipe: Recipe, out: Path, main: bool):
 
 
 def train(recipe: Recipe) -> dict:
-    """Run a recipe; returns a summary (final losses, paths, counts)."""
+    """Run a recipe; returns a summary (final losses, paths, counts).
+
+    The main process holds a lock on `output_dir` for the whole run (`state.RunLock`). A fresh run (no
+    `train.resume_from`) into a folder that holds an earlier run's outputs is refused unless
+    `train.overwrite=true`, which clears them first.
+    """
+    acc = _accelerator(recipe)
+    with RunLock(recipe.output_dir) if acc.is_main_process else contextlib.nullcontext():
+        return _train(recipe, acc)
+
+
+def _train(recipe: Recipe, acc) -> dict:
     from accelerate.utils import set_seed
 
-    acc = _accelerator(recipe)
     main = acc.is_main_process
     out = Path(recipe.output_dir)
     t, o, d = recipe.train, recipe.optim, recipe.data
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clear_stale_temporaries(out)
+        _check_earlier_run(out, t)
         save_recipe(recipe, out / "recipe.yaml")
     data = _load_data(recipe, out, main)
     train_records, train_sources = data["train"]
@@ -409,6 +427,21 @@ def _save(recipe, core, processor, optimizer, progress, acc, metrics) -> None:
         metrics.plot()
         logger.info("checkpoint %s", path)
     acc.wait_for_everyone()
+
+
+def _check_earlier_run(out: Path, t) -> None:
+    """Refuse to overwrite an earlier run's outputs by accident (a fresh run, not a resume)."""
+    if t.resume_from is not None:
+        return
+    found = earlier_run(out)
+    if found and not t.overwrite:
+        raise OutputDirError(
+            f"{out}: holds an earlier run ({', '.join(found)}); a fresh run would overwrite it. Continue that run "
+            "with train.resume_from=latest, clear it with train.overwrite=true, or choose another output_dir"
+        )
+    if found:
+        logger.info("%s: clearing the earlier run's outputs (%s): train.overwrite=true", out, ", ".join(found))
+        clear_earlier_run(out)
 
 
 def _maybe_resume(recipe, core, optimizer, progress, acc):

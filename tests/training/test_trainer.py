@@ -217,7 +217,7 @@ def test_a_killed_save_leaves_no_half_final_and_its_temporaries_are_cleared_next
     assert not any(p.exists() for p in stale) and alive.exists()
     assert not (run / "final").exists()  # no final/ holding only its config
     monkeypatch.setattr(AudioLLM, "save_pretrained", real)
-    train(tiny(tmp_path, "train.max_steps=2", "train.save_every=null", "data.eval=[]"))
+    train(tiny(tmp_path, "train.max_steps=2", "train.save_every=null", "data.eval=[]", "train.overwrite=true"))
     assert (run / "final" / "projector.safetensors").is_file()
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # the killed save's folder is gone
 
@@ -230,3 +230,34 @@ def test_a_final_lost_between_renames_is_restored_from_the_old_one(tmp_path):
     (old / "projector.safetensors").write_bytes(b"weights")
     clear_stale_temporaries(tmp_path)
     assert (tmp_path / "final" / "projector.safetensors").read_bytes() == b"weights" and not old.exists()
+
+
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused_unless_overwrite(tmp_path):
+    from eardrum.training.state import OutputDirError, list_checkpoints
+
+    run = tmp_path / "run"
+    train(tiny(tmp_path, "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=5", "data.eval=[]"))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(OutputDirError, match=r"holds an earlier run \(final, summary.json, checkpoints, "
+                                             r"metrics.jsonl\).*train.resume_from=latest.*train.overwrite=true"):
+        train(tiny(tmp_path, "train.max_steps=1", "data.eval=[]"))
+    assert (run / "metrics.jsonl").read_text() == before  # nothing of the earlier run was touched
+    train(tiny(tmp_path, "train.max_steps=1", "train.save_every=1", "data.eval=[]", "train.overwrite=true"))
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001"]  # the old run's step-2, step-3 are gone
+    assert not (run / ".eardrum-train.lock").exists()
+
+
+def test_a_second_run_into_a_locked_folder_fails_naming_the_first_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    import socket
+
+    from eardrum.training.state import LOCK_NAME, OutputDirError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    host = socket.gethostname()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": host}))  # pid 1 runs: a live run holds it
+    with pytest.raises(OutputDirError, match=f"another run \\(pid 1 on {host}\\) is training into this folder"):
+        train(tiny(tmp_path, "train.max_steps=1", "data.eval=[]"))
+    (run / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": host}))  # a killed run's lock
+    train(tiny(tmp_path, "train.max_steps=1", "data.eval=[]"))
+    assert (run / "final").is_dir() and not (run / LOCK_NAME).exists()
