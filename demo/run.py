@@ -191,8 +191,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say(format_data_card(_data_card(data)))
     lap("data")
     # each `eardrum demo` is a fresh run: it replaces an earlier one in the same --out folder
-    common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}", "train.overwrite=true",
-              f"cache.dir={default_cache_dir() / 'features'}"]
+    common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
+              "train.overwrite=true", f"cache.dir={default_cache_dir() / 'features'}"]
     steps = ["train.max_steps=40"] if quick else []
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
     stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(data["asr_train"],
