@@ -25,7 +25,7 @@ from .encoders import AudioFeaturizer, FrameSpec, build_speech_encoder
 from .model import AudioLLM
 from .processor import AudioProcessor
 from .projectors import build_projector
-from .sources import load_causal_lm, load_speech_model, speech_model_location
+from .sources import load_causal_lm, load_speech_model
 from .transcribe import build_transcriber
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def build_audio_llm(
                 f"transcript_hint needs a Whisper encoder with its decoder; {config.encoder} is a "
                 f"{encoder.spec.kind} encoder. Set transcript_hint: false, or use a Whisper encoder"
             )
-        location = speech_model_location(config.encoder, cache_dir)
-        model.transcriber = build_transcriber(speech_model, feature_extractor, location).eval()
+        model.transcriber = build_transcriber(speech_model, feature_extractor).eval()
         processor.transcriber = model.transcriber
     counts = model.trainable_summary()
     logger.info(

@@ -81,6 +81,7 @@ class AudioProcessor:
         added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         special = {*added, *tokenizer.all_special_tokens} - {config.placeholder, ""}
         self._special_tokens = sorted(special, key=len, reverse=True)
+        self._not_in_hints = [*self._special_tokens, config.placeholder]  # removed from transcripts (hint_text)
         # `transcriber(windows) -> list[str]` (transcribe.WhisperTranscriber) when config.transcript_hint is on
         self.transcriber = transcriber
         self._batched_hints: dict[str, str] | None = None  # during a call of many conversations: hints by window key
@@ -128,14 +129,16 @@ class AudioProcessor:
         labels_on = (not add_generation_prompt) if return_labels is None else return_labels
         mode = label_mode or self.config.label_mode
         side = padding_side or ("left" if add_generation_prompt else "right")
-        self._batched_hints = None
         if self.config.transcript_hint and self.transcriber is not None and len(conversations) > 1:
             self._batched_hints = self._hints_of_all(conversations)  # one batched decode, not one per clip
         rows, windows = [], []
-        for i, conv in enumerate(conversations):
-            rendered = self._render(conv, i, add_generation_prompt, mode if labels_on else None)
-            rows.append(self._tokenize(rendered, i, labels_on, max_length))
-            windows.extend(rendered.windows)
+        try:
+            for i, conv in enumerate(conversations):
+                rendered = self._render(conv, i, add_generation_prompt, mode if labels_on else None)
+                rows.append(self._tokenize(rendered, i, labels_on, max_length))
+                windows.extend(rendered.windows)
+        finally:
+            self._batched_hints = None
         batch = self._pad(rows, side, labels_on)
         if windows and not featurize:
             batch["audio_windows"] = windows
@@ -161,17 +164,19 @@ class AudioProcessor:
 
     def _hints(self, windows: list[np.ndarray]) -> list[str]:
         """The transcript hint text of each window (transcribe.hint_text)."""
-        known = self._batched_hints
-        if known is not None and all(window_key(w) in known for w in windows):
-            texts = [known[window_key(w)] for w in windows]
-            return [hint_text(t, [*self._special_tokens, self.config.placeholder]) for t in texts]
-        if self.transcriber is None:
+        known = self._batched_hints or {}
+        keys = [window_key(w) for w in windows] if known else []
+        if known and all(k in known for k in keys):
+            texts = [known[k] for k in keys]
+        elif self.transcriber is None:
             raise TranscriberError(
                 "this model's config has transcript_hint on, so each clip's prompt holds Whisper's transcript, "
                 "but the processor has no transcriber; load the model with load_pretrained or build_audio_llm, "
                 "not load_processor alone"
             )
-        return [hint_text(t, [*self._special_tokens, self.config.placeholder]) for t in self.transcriber(windows)]
+        else:
+            texts = self.transcriber(windows)
+        return [hint_text(t, self._not_in_hints) for t in texts]
 
     def _hints_of_all(self, conversations: list[list[dict]]) -> dict[str, str]:
         """Whisper's transcript of every audio window in `conversations`, decoded in one batched call, by

@@ -298,16 +298,6 @@ def _generation_config(
     return config
 
 
-def speech_model_location(source: str, cache_dir: str | Path | None = None) -> str:
-    """Where transformers reads a speech model from: the hub id or local folder as given, or the converted
-    copy of a CTranslate2 Whisper folder (converted once, see `convert_ct2_whisper`)."""
-    path = _existing_path(source)
-    # A transformers folder never holds model.bin; the converter reads its header and says what it found.
-    if path is not None and path.is_dir() and (path / "model.bin").is_file():
-        return str(convert_ct2_whisper(path, cache_dir))
-    return str(path) if path is not None else source
-
-
 def load_speech_model(
     source: str, *, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, FeatureExtractionMixin]:
@@ -330,7 +320,11 @@ def load_speech_model(
         SourceNotFoundError: `source` looks like a local path but does not exist.
         CT2FormatError: a CTranslate2 folder cannot be converted.
     """
-    location = speech_model_location(source, cache_dir)
+    path = _existing_path(source)
+    location = str(path) if path is not None else source
+    # A transformers folder never holds model.bin; the converter reads its header and says what it found.
+    if path is not None and path.is_dir() and (path / "model.bin").is_file():
+        location = str(convert_ct2_whisper(path, cache_dir))
     config = AutoConfig.from_pretrained(location)
     model_class = WhisperForConditionalGeneration if config.model_type == "whisper" else AutoModel
     model = model_class.from_pretrained(location, dtype=dtype).eval()

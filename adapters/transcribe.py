@@ -120,8 +120,11 @@ class WhisperTranscriber(nn.Module):
             )
         keys = [window_key(w) for w in windows]
         texts = {k: self._known[k] for k in keys if k in self._known}
-        todo = [i for i, k in enumerate(keys) if k not in texts]
-        todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]  # repeats once
+        first: dict[str, int] = {}  # each unknown window once, however often it repeats
+        for i, k in enumerate(keys):
+            if k not in texts:
+                first.setdefault(k, i)
+        todo = list(first.values())
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             texts.update(zip((keys[i] for i in chunk), self._decode([windows[i] for i in chunk])))
@@ -148,9 +151,9 @@ class WhisperTranscriber(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def build_transcriber(whisper: nn.Module, feature_extractor, location: str) -> WhisperTranscriber:
-    """A transcriber over a loaded Whisper, with the tokenizer read from the model's `location`
-    (`sources.speech_model_location`)."""
+def build_transcriber(whisper: nn.Module, feature_extractor) -> WhisperTranscriber:
+    """A transcriber over a Whisper loaded by `sources.load_speech_model`, with the tokenizer read from the
+    folder (or hub id) the model itself was loaded from (`whisper.name_or_path`)."""
     from transformers import AutoTokenizer
 
-    return WhisperTranscriber(whisper, feature_extractor, AutoTokenizer.from_pretrained(location))
+    return WhisperTranscriber(whisper, feature_extractor, AutoTokenizer.from_pretrained(whisper.name_or_path))

@@ -62,12 +62,11 @@ def whisper_reference_wer(whisper, manifest: Path) -> dict:
     `whisper` is a `WhisperTranscriber` (a hinted model's own, so its transcript cache is shared) or a Whisper
     source (hub id, transformers or CTranslate2 folder) to build one from."""
     from eardrum.adapters.audio import load_audio
-    from eardrum.adapters.sources import load_speech_model, speech_model_location
+    from eardrum.adapters.sources import load_speech_model
     from eardrum.adapters.transcribe import build_transcriber
 
     if isinstance(whisper, (str, Path)):
-        model, feature_extractor = load_speech_model(str(whisper))
-        whisper = build_transcriber(model, feature_extractor, speech_model_location(str(whisper)))
+        whisper = build_transcriber(*load_speech_model(str(whisper)))
     lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
     hyps = whisper([load_audio(manifest.parent / line["audio"]) for line in lines])
     refs = [line["text"] for line in lines]
@@ -179,6 +178,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     from eardrum.demo.report import format_results
     from eardrum.inference.evaluation import evaluate_manifest
     from eardrum.training.distill import distill_manifest
+    from eardrum.training.setup import prepare_transcriber
 
     start = time.perf_counter()
     parts: dict[str, float] = {}  # seconds per part of the run, in order
@@ -190,16 +190,17 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     data = build_demo_data(default_cache_dir() / "demo-data", assets, seed=seed, quick=quick)
     say(format_data_card(_data_card(data)))
     lap("data")
+    features = default_cache_dir() / "features"  # encoder frames and Whisper's transcripts, for every stage
     # each `eardrum demo` is a fresh run: it replaces an earlier one in the same --out folder
     common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
-              "train.overwrite=true", f"cache.dir={default_cache_dir() / 'features'}"]
+              "train.overwrite=true", f"cache.dir={features}"]
     steps = ["train.max_steps=40"] if quick else []
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
     stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(data["asr_train"],
                                                                                         data["caption_train"])], say)
     lap("stage1")
     model, processor = load_placed(stage1)  # placed as `eardrum chat` places it: the GPU when there is one
-    _share_transcripts(model)
+    prepare_transcriber(model, features, "auto")  # the transcripts stage 1 decoded
     distilled = out / "qa_train.distilled.jsonl"
     say("self-distillation: SmolLM2 answers the training questions as text")
     distill_manifest(model, processor, data["qa_train"], distilled, max_new_tokens=DISTILL_MAX_TOKENS, batch_size=64)
@@ -216,7 +217,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     lap("stage2")
     say("evaluating on held-out data")
     loaded = load_placed(final)
-    _share_transcripts(loaded[0])
+    prepare_transcriber(loaded[0], features, "auto")
     asr = evaluate_manifest(
         loaded, data["asr_test"], "asr", batch_size=EVAL_BATCH_SIZE, out_dir=out / "eval" / "asr", progress=False
     )
@@ -267,18 +268,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say("minutes by part: " + ", ".join(f"{name} {sec / 60:.1f}" for name, sec in parts.items()))
     _answer_a_few(loaded, final, data["qa_test"], say)
     return results
-
-
-def _share_transcripts(model) -> None:
-    """A hinted model reads the transcripts the training runs decoded (the recipes' cache.dir) and adds its own."""
-    import torch
-
-    from eardrum.adapters.sources import default_cache_dir
-    from eardrum.training.setup import resolve_precision
-
-    if model.transcriber is not None:
-        model.transcriber.attach_cache(default_cache_dir() / "features" / "transcripts")
-        model.transcriber.autocast = torch.bfloat16 if resolve_precision("auto") == "bf16" else None
 
 
 def _real_speech(loaded, whisper_folder: Path, out_dir: Path, say) -> dict | None:

@@ -35,6 +35,7 @@ from .setup import (
     build_optimizer,
     cache_root,
     make_cache,
+    prepare_transcriber,
     resolve_precision,
     sequence_lengths,
     set_schedule_length,
@@ -183,10 +184,7 @@ def _train(recipe: Recipe, acc) -> dict:
     if main:
         logger.info(parameter_report(model))
     cache = make_cache(recipe, model) if recipe.cache.enabled else None
-    if model.transcriber is not None and recipe.cache.enabled:
-        model.transcriber.attach_cache(Path(cache_root(recipe)) / "transcripts")  # decoded once, every epoch
-    if model.transcriber is not None and resolve_precision(t.mixed_precision) == "bf16":
-        model.transcriber.autocast = torch.bfloat16  # 1.3x faster decoding on 2 AVX-512 BF16 cores, same words
+    prepare_transcriber(model, cache_root(recipe) if recipe.cache.enabled else None, t.mixed_precision)
     prompts = d.prompts or DEFAULT_PROMPTS
     collate = Collator(
         processor,

@@ -261,3 +261,27 @@ def test_a_second_run_into_a_locked_folder_fails_naming_the_first_and_a_dead_run
     (run / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": host}))  # a killed run's lock
     train(tiny(tmp_path, "train.max_steps=1", "data.eval=[]"))
     assert (run / "final").is_dir() and not (run / LOCK_NAME).exists()
+
+
+def test_a_hinted_run_decodes_each_training_window_once_into_the_cache_folder(tmp_path, monkeypatch):
+    from eardrum.adapters.transcribe import WhisperTranscriber
+
+    decoded: list[int] = []
+    real = WhisperTranscriber._decode
+    def counted(self, waves):
+        decoded.append(len(waves))
+        return real(self, waves)
+
+    monkeypatch.setattr(WhisperTranscriber, "_decode", counted)
+    recipe = tiny(tmp_path, "model.transcript_hint=true", "train.max_steps=2", "train.save_every=null", "data.eval=[]")
+    train(recipe)
+    files = list((tmp_path / "cache" / "transcripts").glob("*.jsonl"))
+    assert len(files) == 1
+    keys = [json.loads(line)["key"] for line in files[0].read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == sum(decoded) > 0  # every window decoded once, all of them kept
+    config = json.loads((tmp_path / "run" / "final" / "eardrum_config.json").read_text())["config"]
+    assert config["transcript_hint"] is True
+    decoded.clear()
+    train(tiny(tmp_path, "model.transcript_hint=true", "train.max_steps=2", "train.save_every=null", "data.eval=[]",
+               "train.overwrite=true"))
+    assert decoded == []  # a second run reads them from the file
