@@ -12,9 +12,11 @@ training clip uses: two accents (Caribbean, West Midlands) and two variants (m4,
 on. Training clips are augmented (speed perturbation, which moves pitch and formants like another
 speaker; background noise; level), held-out clips are clean. Held-out sentences and questions are
 strings that never occur in training. Clips without speech (silence, room tone, noise, sounds) teach
-and measure the answer "no speech" to a request for a transcript (`nospeech_test`); a quarter of the
-spoken training questions are also asked to be transcribed, so the instruction decides whether a
-question is answered or transcribed (`questions_asr_test`: held-out spoken questions to transcribe).
+and measure the answer "no speech" to a request for a transcript (`nospeech_test`; their rows say
+`"transcript": ""`: nothing is said). A quarter of the spoken training questions, and some of the
+captioned training sounds, are also asked to be transcribed, so the instruction decides whether a
+question is answered or transcribed and a sound captioned or called "no speech" (`questions_asr_test`:
+held-out spoken questions to transcribe).
 
 A build is deterministic given its seed and cached by a content key (seed, generator version, sizes,
 voices): `build_demo_data` returns at once when `<out_dir>/demo-<key>/` is already complete.
@@ -61,6 +63,7 @@ __all__ = [
     "augment_speech",
     "espeak_speak",
     "format_data_card",
+    "no_speech_but",
     "nospeech_clip",
     "nospeech_transcript",
     "piper_speak",
@@ -68,7 +71,7 @@ __all__ = [
     "score_caption_events",
 ]
 
-GENERATOR_VERSION = 6  # bump whenever a change would alter generated texts or audio
+GENERATOR_VERSION = 7  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
 MANIFESTS = tuple(
     "asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test questions_asr_test"
@@ -93,6 +96,7 @@ class DemoSizes:
     chat_train: int = 80  # conversations, made of training clips
     nospeech_train: int = 200  # clips without speech, transcribed as NO_SPEECH (with what is heard instead)
     nospeech_test: int = 40
+    sounds_to_transcribe: int = 160  # caption_train's sound clips also asked for a transcript: "no speech, only ..."
 
     def problems(self) -> list[str]:
         """Every field that is not a valid count."""
@@ -107,7 +111,7 @@ class DemoSizes:
 FULL_SIZES = DemoSizes()
 QUICK_SIZES = DemoSizes(
     asr_train=120, asr_test=30, qa_train=60, qa_test=30, sound_train=60, sound_test=30, animal_variants=3,
-    chat_train=20, nospeech_train=12, nospeech_test=10,
+    chat_train=20, nospeech_train=12, nospeech_test=10, sounds_to_transcribe=10,
 )
 
 
@@ -722,12 +726,25 @@ def nospeech_transcript(kind: str, seed: int, animal: str | None = None) -> str:
     sounds, what they are ("There is no speech in this recording, only two high beeps."); `animal` is the
     animal clip's label ("dog")."""
     if kind == "sounds":
-        heard = text.caption(text.sound_scenes(1, seed, held_out=False)[0])
-    elif kind == "animal" and animal is not None:
-        heard = text.ANIMAL_SOUNDS.get(animal, "an animal") + "."
-    else:
-        return NO_SPEECH
+        return no_speech_but(text.caption(text.sound_scenes(1, seed, held_out=False)[0]))
+    if kind == "animal" and animal is not None:
+        return no_speech_but(text.ANIMAL_SOUNDS.get(animal, "an animal") + ".")
+    return NO_SPEECH
+
+
+def no_speech_but(heard: str) -> str:
+    """NO_SPEECH naming what is heard instead: "A frog croaking." -> "There is no speech in this recording,
+    only a frog croaking." """
     return f"{NO_SPEECH[:-1]}, only {heard[0].lower()}{heard[1:]}"
+
+
+def _sounds_to_transcribe(caption_rows: list[dict], count: int, seed: int) -> list[dict]:
+    """`count` of the captioned training sounds asked for a transcript instead: the same clip is captioned or
+    answered "no speech, only ..." as the instruction says (a model that captions a sound when asked to
+    transcribe it has not learnt what the instruction asks)."""
+    picked = random.Random(f"sounds-to-transcribe:{seed}").sample(caption_rows, min(count, len(caption_rows)))
+    return [{"audio": row["audio"], "text": no_speech_but(row["text"]), "transcript": "", "kind": "captioned sound"}
+            for row in picked]
 
 
 def _nospeech_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, Path]) -> dict[str, list[dict]]:
@@ -742,7 +759,9 @@ def _nospeech_rows(root: Path, seed: int, sizes: DemoSizes, animals: dict[str, P
             label = sorted(clips)[i % len(clips)] if kind == "animal" else None
             rel = f"audio/nospeech/{split}-{i:05d}.wav"
             _write(root / rel, nospeech_clip(kind, clip_seed, clips[label] if label else None))
-            rows[split].append({"audio": rel, "text": nospeech_transcript(kind, clip_seed, label), "kind": kind})
+            rows[split].append(
+                {"audio": rel, "text": nospeech_transcript(kind, clip_seed, label), "transcript": "", "kind": kind}
+            )
     return rows
 
 
@@ -763,7 +782,8 @@ def _generate(
     nospeech = _nospeech_rows(root, seed, sizes, animals)
     # After the conversations, which pair asr rows with sentences: clips without speech, and spoken questions
     # to transcribe (the same audio answered or transcribed as the instruction says, never what it likes).
-    rows["asr_train"] = rows["asr_train"] + nospeech["train"] + _questions_to_transcribe(rows["qa_train"], seed)
+    rows["asr_train"] = (rows["asr_train"] + nospeech["train"] + _questions_to_transcribe(rows["qa_train"], seed)
+                         + _sounds_to_transcribe(rows["caption_train"], sizes.sounds_to_transcribe, seed))
     rows["nospeech_test"] = nospeech["test"]
     rows["questions_asr_test"] = [_as_transcription(row) for row in rows["qa_test"]]
     rows = {name: rows[name] for name in MANIFESTS}

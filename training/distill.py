@@ -10,6 +10,11 @@ Input lines: `{"audio": ..., "transcript": "what is the capital of france?", ...
 conversations: `{"messages": [user: [audio (+ the line's `question` as text, if any)], assistant: answer],
 "transcript": ..., "source_line": N}`, with audio paths made absolute.
 
+For a model with transcript hints (`model.transcript_hint`), `filter_by_hint` keeps the transcription lines
+whose text Whisper's own transcript (the hint the model reads) already comes close to: where the hint and the
+target disagree widely, the model learns to rewrite the hint from audio it cannot yet hear as well as Whisper,
+and does so on every voice it meets later.
+
 Training on those lines can go further than the answer's tokens: with `distill.kl_weight` in a recipe,
 `teacher_kl` also matches the audio model's whole next-token distribution, position by position, to
 the base LLM's distribution on the same conversation with the transcript in the audio's place (the
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -174,3 +180,83 @@ def teacher_kl(
         return student_logits.sum() * 0.0
     kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
     return kl * temperature**2
+
+
+HINT_CHUNK = 64  # clips per transcriber call in filter_by_hint (bounded memory, progress in the log)
+
+
+def filter_by_hint(
+    transcriber: Callable[[list], list[str]],
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    max_wer: float,
+    normalise: Callable[[str], str] | None = None,
+    window_seconds: float = 30.0,
+) -> dict:
+    """Write `out`: the lines of the transcription manifest `manifest` whose `text` is within `max_wer` (word
+    error rate, after `normalise` on both sides and the metrics' own normaliser) of `transcriber`'s transcript
+    of the clip, with audio paths made absolute. Lines that say nothing is spoken (`"transcript": ""`, e.g. a
+    clip of noise answered "There is no speech ...") are kept unchecked. A clip longer than `window_seconds` is
+    transcribed window by window, as a hinted model's processor reads it, the windows' texts joined.
+
+    Raises DistillError naming every line without an 'audio' and a non-empty 'text', and every clip that
+    cannot be read (nothing is written then). Returns {"lines", "kept", "dropped", "unchecked"}.
+    """
+    from eardrum.adapters.audio import SAMPLING_RATE, AudioError, load_audio
+    from eardrum.adapters.config import plan_windows
+    from eardrum.common.metrics import word_error_rate
+
+    if not max_wer >= 0.0:  # NaN too
+        raise ValueError(f"max_wer: expected a word error rate >= 0, got {max_wer!r}")
+    manifest, out = Path(manifest), Path(out)
+    normalise = normalise or (lambda text: text)
+    rows, problems = [], []
+    for n, raw in enumerate(manifest.read_text().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except json.JSONDecodeError as err:
+            problems.append(f"{manifest} line {n}: not JSON ({err.msg})")
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("audio"), str) or not str(item.get("text", "")).strip():
+            problems.append(f"{manifest} line {n}: expected an object with an 'audio' path and a non-empty 'text'")
+            continue
+        if not Path(item["audio"]).is_absolute():
+            item["audio"] = str((manifest.parent / item["audio"]).resolve())
+        rows.append((n, item))
+    window = int(window_seconds * SAMPLING_RATE)
+    hints: dict[int, str] = {}
+    checked = [(n, item) for n, item in rows if item.get("transcript") != ""]
+    for start in range(0, len(checked), HINT_CHUNK):
+        windows, owners = [], []
+        for n, item in checked[start : start + HINT_CHUNK]:
+            try:
+                wave = load_audio(item["audio"], name=f"{manifest} line {n} ({item['audio']})")
+            except AudioError as err:
+                problems.append(str(err))
+                continue
+            for a, b in plan_windows(len(wave), window):
+                windows.append(wave[a:b])
+                owners.append(n)
+        for n, text in zip(owners, transcriber(windows) if windows else []):
+            hints[n] = f"{hints[n]} {text}" if n in hints else text
+        logger.info("filter_by_hint %s: %d of %d clips transcribed", manifest, min(start + HINT_CHUNK, len(checked)),
+                    len(checked))
+    if problems:
+        raise DistillError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    kept = unchecked = 0
+    with out.open("w") as f:
+        for n, item in rows:
+            if n in hints:
+                wer = word_error_rate([normalise(item["text"])], [normalise(hints[n])])["wer"]
+                if wer > max_wer:
+                    continue
+            else:
+                unchecked += 1
+            f.write(json.dumps(item) + "\n")
+            kept += 1
+    summary = {"lines": len(rows), "kept": kept, "dropped": len(rows) - kept, "unchecked": unchecked}
+    logger.info("filter_by_hint %s -> %s: %s", manifest, out, summary)
+    return summary

@@ -13,6 +13,7 @@ import torch
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
 from eardrum.adapters.sources import default_cache_dir
+from eardrum.adapters.transcribe import WhisperTranscriber
 from eardrum.common.records import Record
 
 from .recipe import Recipe
@@ -70,16 +71,17 @@ def cache_root(recipe: Recipe) -> str:
     return recipe.cache.dir or str(default_cache_dir() / "features")
 
 
-def prepare_transcriber(model: AudioLLM, features_root: str | Path | None, mixed_precision: str) -> None:
-    """Set up a hinted model's transcriber (nothing without one): it reads and extends the transcripts kept in
-    `features_root/transcripts` (None: memory only), and decodes under bf16 autocast where `mixed_precision`
-    resolves to bf16 (1.3x faster on 2 AVX-512 BF16 cores, the same words)."""
-    if model.transcriber is None:
+def prepare_transcriber(transcriber: WhisperTranscriber | None, features_root: str | Path | None,
+                        mixed_precision: str) -> None:
+    """Set up a hinted model's transcriber (`model.transcriber`; nothing for None): it reads and extends the
+    transcripts kept in `features_root/transcripts` (None: memory only), and decodes under bf16 autocast where
+    `mixed_precision` resolves to bf16 (1.3x faster on 2 AVX-512 BF16 cores, the same words)."""
+    if transcriber is None:
         return
     if features_root is not None:
-        model.transcriber.attach_cache(Path(features_root) / "transcripts")
+        transcriber.attach_cache(Path(features_root) / "transcripts")
     if resolve_precision(mixed_precision) == "bf16":
-        model.transcriber.autocast = torch.bfloat16
+        transcriber.autocast = torch.bfloat16
 
 
 def make_cache(recipe: Recipe, model: AudioLLM):

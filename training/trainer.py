@@ -184,7 +184,7 @@ def _train(recipe: Recipe, acc) -> dict:
     if main:
         logger.info(parameter_report(model))
     cache = make_cache(recipe, model) if recipe.cache.enabled else None
-    prepare_transcriber(model, cache_root(recipe) if recipe.cache.enabled else None, t.mixed_precision)
+    prepare_transcriber(model.transcriber, cache_root(recipe) if recipe.cache.enabled else None, t.mixed_precision)
     prompts = d.prompts or DEFAULT_PROMPTS
     collate = Collator(
         processor,

@@ -39,6 +39,11 @@ def test_results_table_has_every_measure():
     assert rows["same questions as text, this model (the LLM with its LoRA)"] == "62.5 %"
     assert rows["same questions as text, the LLM as shipped"] == "40.0 %"
     assert rows["spoken QA audio / text of the LLM as shipped"] == "1.25"
+    assert rows["spoken QA audio / cascade"] == "n/a"  # no cascade measured in these results
+    results["qa"]["cascade_shipped_llm"] = 0.25
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in format_results(results).splitlines()}
+    assert rows["same questions, Whisper's transcript read by the LLM as shipped (cascade)"] == "25.0 %"
+    assert rows["spoken QA audio / cascade"] == "2.00"
     assert rows["animal sounds: right animal"] == "n/a"
     assert rows["clips without speech: an invented transcript"] == "n/a"  # older results lack the measure
 
@@ -135,3 +140,23 @@ def test_whisper_reference_uses_a_given_transcriber_so_a_hinted_model_shares_its
     assert heard == [[8000, 9600]]  # every clip in one call
     assert result["wer"] == pytest.approx(1 / 6)
     assert result["examples"][1] == {"reference": "on two mats", "hypothesis": "on 2 hats"}
+
+
+def test_cascade_manifest_puts_whispers_transcript_in_place_of_the_true_one(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from eardrum.demo.run import cascade_manifest
+
+    for k in range(2):
+        sf.write(tmp_path / f"q{k}.wav", np.zeros(8000, np.float32), 16000)
+    write_jsonl(tmp_path / "qa.jsonl", [
+        {"audio": f"q{k}.wav", "question": "Answer the question in the recording.", "answer": a, "answers": [a],
+         "transcript": t} for k, (t, a) in enumerate([("What is the capital of France?", "Paris"),
+                                                       ("How many legs has a spider?", "eight")])])
+    out = cascade_manifest(lambda windows: ["What is the capital of Fronts?", "How many legs has a spider?"],
+                           tmp_path / "qa.jsonl", tmp_path / "eval" / "cascade.jsonl")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["transcript"] for r in rows] == ["What is the capital of Fronts?", "How many legs has a spider?"]
+    assert [r["answers"] for r in rows] == [["Paris"], ["eight"]]
+    assert rows[0]["audio"] == str((tmp_path / "q0.wav").resolve())

@@ -34,6 +34,7 @@ from eardrum.demo.data import (
     augment_speech,
     build_demo_data,
     espeak_speak,
+    no_speech_but,
     nospeech_clip,
     nospeech_transcript,
     piper_speak,
@@ -57,7 +58,7 @@ from eardrum.demo.text import (
 
 SMALL = DemoSizes(
     asr_train=24, asr_test=8, qa_train=20, qa_test=10, sound_train=16, sound_test=8, animal_variants=3, chat_train=8,
-    nospeech_train=6, nospeech_test=5,
+    nospeech_train=6, nospeech_test=5, sounds_to_transcribe=4,
 )
 
 
@@ -140,7 +141,7 @@ def test_manifests_load_with_zero_problems(built):
 def test_counts_follow_the_sizes(built):
     counts = {name: len(rows(path)) for name, path in built.items()}
     assert counts == {
-        "asr_train": 24 + 6 + 5,  # sentences, clips without speech, a quarter of the spoken questions
+        "asr_train": 24 + 6 + 5 + 4,  # sentences, clips without speech, a quarter of the questions, sounds
         "asr_test": 8,
         "qa_train": 20,
         "qa_test": 10,
@@ -192,9 +193,9 @@ def test_held_out_speech_uses_only_the_held_out_voice(built):
     for name in ("asr_test", "qa_test"):
         assert {r["voice"] for r in rows(built[name])} == {"tones:c@1"}
     for name in ("asr_train", "qa_train"):
-        speech = [r for r in rows(built[name]) if r.get("kind") not in NOSPEECH_KINDS]
+        speech = [r for r in rows(built[name]) if r.get("transcript") != ""]  # "": nothing is said
         assert {r["voice"] for r in speech} <= {"tones:a@0.9", "tones:b@1.15"}
-    assert not [r for r in rows(built["asr_train"]) if r.get("kind") in NOSPEECH_KINDS and "voice" in r]
+    assert not [r for r in rows(built["asr_train"]) if r.get("transcript") == "" and "voice" in r]
 
 
 def test_qa_rows_hold_the_spoken_question_and_accepted_answers(built):
@@ -295,7 +296,8 @@ def test_quick_build_has_a_few_hundred_items(tmp_path, animals):
     assert 200 <= total <= 500
     paths = build_demo_data(tmp_path, animals, quick=True, synthesiser=ToneSynthesiser(), progress=False)
     counts = {name: len(rows(path)) for name, path in paths.items()}
-    assert counts["asr_train"] == QUICK_SIZES.asr_train + QUICK_SIZES.nospeech_train + QUICK_SIZES.qa_train // 4
+    assert counts["asr_train"] == (QUICK_SIZES.asr_train + QUICK_SIZES.nospeech_train + QUICK_SIZES.qa_train // 4
+                                   + QUICK_SIZES.sounds_to_transcribe)
     assert counts["qa_test"] == QUICK_SIZES.qa_test and counts["nospeech_test"] == QUICK_SIZES.nospeech_test
     assert counts["caption_train"] == QUICK_SIZES.sound_train + 2 * (QUICK_SIZES.animal_variants - 1)
 
@@ -429,12 +431,24 @@ def test_nospeech_clips_hold_no_speech_and_are_transcribed_as_no_speech(built):
     assert len(train) == 6 and len(test) == 5 and all(r["text"].startswith(NO_SPEECH[:-1]) for r in train + test)
     assert {r["kind"] for r in train} == set(NOSPEECH_KINDS) and "animal" not in {r["kind"] for r in test}
     assert all((r["text"] == NO_SPEECH) == (r["kind"] in ("silence", "room tone", "noise")) for r in train)
+    assert all(r["transcript"] == "" for r in train + test)  # nothing is said in them
     assert nospeech_transcript("animal", 1, "dog") == "There is no speech in this recording, only a dog barking."
     assert nospeech_transcript("sounds", 7) == f"{NO_SPEECH[:-1]}, only " + (
         lambda c: c[0].lower() + c[1:])(caption(sound_scenes(1, 7, held_out=False)[0]))
     silence = nospeech_clip("silence", 3)
     assert silence.dtype == np.float32 and not silence.any() and 1.0 <= len(silence) / 16000 <= 4.0
     assert 0.001 < float(np.std(nospeech_clip("room tone", 3))) < 0.03
+
+
+def test_some_captioned_sounds_are_also_asked_for_a_transcript_and_answered_no_speech(built):
+    captions = {r["audio"]: r["text"] for r in rows(built["caption_train"])}
+    asked = [r for r in rows(built["asr_train"]) if r.get("kind") == "captioned sound"]
+    assert len(asked) == 4 and len({r["audio"] for r in asked}) == 4
+    for r in asked:
+        assert r["transcript"] == "" and r["text"] == no_speech_but(captions[r["audio"]])
+    assert no_speech_but("Two low beeps.") == "There is no speech in this recording, only two low beeps."
+    held_out = {r["audio"] for r in rows(built["caption_test"])} | {r["audio"] for r in rows(built["nospeech_test"])}
+    assert not held_out & {r["audio"] for r in asked}
 
 
 def test_spoken_questions_are_also_transcribed_and_held_out_ones_are_only_tested(built):

@@ -63,3 +63,62 @@ def test_bad_lines_are_all_named(built, tmp_path):
     bad.write_text('{"audio": "a.wav"}\nnot json\n')
     with pytest.raises(DistillError, match=r"bad.jsonl line 1: expected .*\n.*bad.jsonl line 2: not JSON"):
         distill_manifest(model, processor, bad, tmp_path / "out.jsonl")
+
+
+def _clips(tmp_path: Path, seconds: list[float]) -> list[str]:
+    import numpy as np
+    import soundfile as sf
+
+    names = []
+    for k, s in enumerate(seconds):
+        sf.write(tmp_path / f"c{k}.wav", np.full(int(16000 * s), 0.01 * (k + 1), np.float32), 16000)
+        names.append(f"c{k}.wav")
+    return names
+
+
+def test_filter_by_hint_keeps_lines_the_hint_agrees_with_and_every_clip_without_speech(tmp_path):
+    from eardrum.training.distill import filter_by_hint
+
+    names = _clips(tmp_path, [1.0, 1.2, 1.4, 1.6, 65.0])
+    lines = [
+        {"audio": names[0], "text": "the cat sat on two mats"},  # hint: 1 word of 6 wrong -> kept at 0.25
+        {"audio": names[1], "text": "a dog ran"},  # hint: 2 words of 3 wrong -> dropped
+        {"audio": names[2], "text": "There is no speech in this recording.", "transcript": ""},  # never checked
+        {"audio": names[3], "text": "five apples"},  # "5 apples" once digits are spelt out -> kept
+        {"audio": names[4], "text": "one two three"},  # 65 s: three windows, their texts joined
+    ]
+    manifest = tmp_path / "asr.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    hints = {16000: "the cat sat on two hats", 19200: "a frog swam", 25600: "5 apples"}
+    calls, long_clip = [], iter(["one", "two", "three"])
+
+    def transcriber(windows):
+        calls.append([len(w) for w in windows])
+        return [hints.get(len(w)) or next(long_clip) for w in windows]
+
+    summary = filter_by_hint(transcriber, manifest, tmp_path / "kept.jsonl", max_wer=0.25,
+                             normalise=lambda t: t.replace("5", "five"))
+    assert calls == [[16000, 19200, 25600, 480000, 480000, 80000]]  # the silent clip is never transcribed
+    kept = [json.loads(x) for x in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert [Path(r["audio"]).name for r in kept] == [names[0], names[2], names[3], names[4]]
+    assert all(Path(r["audio"]).is_absolute() for r in kept) and kept[1]["transcript"] == ""
+    assert summary == {"lines": 5, "kept": 4, "dropped": 1, "unchecked": 1}
+
+
+def test_filter_by_hint_names_every_bad_line_and_writes_nothing(tmp_path):
+    from eardrum.training.distill import filter_by_hint
+
+    names = _clips(tmp_path, [1.0])
+    manifest = tmp_path / "asr.jsonl"
+    manifest.write_text("\n".join([json.dumps({"audio": names[0], "text": "fine"}), "{not json",
+                                   json.dumps({"audio": names[0], "text": " "}),
+                                   json.dumps({"audio": "missing.wav", "text": "gone"})]) + "\n")
+    with pytest.raises(DistillError) as err:
+        filter_by_hint(lambda w: ["fine"] * len(w), manifest, tmp_path / "out.jsonl", max_wer=0.25)
+    message = str(err.value)
+    assert "3 problem(s)" in message and f"{manifest} line 2: not JSON" in message
+    assert f"{manifest} line 3: expected an object with an 'audio' path and a non-empty 'text'" in message
+    assert "line 4" in message and "missing.wav" in message
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(ValueError, match="max_wer"):
+        filter_by_hint(lambda w: [], manifest, tmp_path / "out.jsonl", max_wer=float("nan"))
