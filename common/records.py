@@ -197,11 +197,12 @@ def load_records(
     return records, problems
 
 
-def write_problems(problems: Sequence[DataProblem], path: str | os.PathLike) -> None:
-    """Write problems as JSONL, one ``{"where": ..., "message": ...}`` per line."""
+def write_problems(problems: Sequence[DataProblem], path: str | os.PathLike, append: bool = False) -> None:
+    """Write problems as JSONL, one ``{"where": ..., "message": ...}`` per line (after the file's lines with
+    `append`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("a" if append else "w", encoding="utf-8") as f:
         for p in problems:
             f.write(json.dumps({"where": p.where, "message": p.message}, ensure_ascii=False) + "\n")
 

@@ -23,7 +23,15 @@ import torch
 from eardrum.adapters.audio import SAMPLING_RATE
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_checkpoint_meta
 from eardrum.common.batching import plan_batches, shard_batches
-from eardrum.common.records import DEFAULT_PROMPTS, DataError, DataSource, load_records, mix_indices, write_problems
+from eardrum.common.records import (
+    DEFAULT_PROMPTS,
+    DataError,
+    DataProblem,
+    DataSource,
+    load_records,
+    mix_indices,
+    write_problems,
+)
 
 from .collate import Collator, model_inputs
 from .distill import teacher_kl
@@ -85,6 +93,7 @@ class StepContext:
     cache: FeatureCache | None  # None: the encoder runs in every step
     acc: Accelerator
     recipe: Recipe
+    skipped: BadExamples  # examples found bad while batching (data.skip_bad): logged and listed once
 
 
 def _accelerator(recipe: Recipe):
@@ -186,6 +195,22 @@ def _train(recipe: Recipe, acc) -> dict:
     cache = make_cache(recipe, model) if recipe.cache.enabled else None
     prepare_transcriber(model.transcriber, cache_root(recipe) if recipe.cache.enabled else None, t.mixed_precision)
     prompts = d.prompts or DEFAULT_PROMPTS
+    optimizer, scheduler_fn = build_optimizer(model, recipe)
+    model, optimizer = acc.prepare(model, optimizer)
+    core = acc.unwrap_model(model)
+    skipped = BadExamples(out / "bad_examples_train.jsonl", main)
+    if cache is not None:  # before the plan: a clip that cannot be read there is named, and skipped or fatal
+        bad = _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, main)
+        if bad and not d.skip_bad:
+            raise DataError(bad, message=f"{len(bad)} example(s) could not be read in full (data.skip_bad=true "
+                                         "skips and lists them):")
+        if bad:
+            skipped.record(bad)
+            gone = {p.where for p in bad}
+            train_records = [r for r in train_records if r.where not in gone]
+            eval_records = [r for r in eval_records if r.where not in gone]
+            if not train_records:
+                raise DataError(bad, message="no usable training example")
     collate = Collator(
         processor,
         train_records,
@@ -198,9 +223,6 @@ def _train(recipe: Recipe, acc) -> dict:
     )
     lengths = sequence_lengths(train_records, processor)
     weights = {s.label: s.weight for s in train_sources}
-    optimizer, scheduler_fn = build_optimizer(model, recipe)
-    model, optimizer = acc.prepare(model, optimizer)
-    core = acc.unwrap_model(model)
     progress = Progress()
     resume = _maybe_resume(recipe, core, optimizer, progress, acc)
     metrics = MetricsLog(out, main, recipe.train.tensorboard, keep_until=progress.step if resume else None)
@@ -223,10 +245,8 @@ def _train(recipe: Recipe, acc) -> dict:
     steps_per_epoch = math.ceil(len(epoch_plan(0)) / o.grad_accum)
     total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
     set_schedule_length(scheduler_fn, total_steps)
-    if cache is not None:
-        _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, main)
     bar = _progress_bar(main, total_steps, progress.step)
-    ctx = StepContext(model, core, optimizer, scheduler_fn, collate, cache, acc, recipe)
+    ctx = StepContext(model, core, optimizer, scheduler_fn, collate, cache, acc, recipe, skipped)
     model.train()
     start = time.perf_counter()
     stop = False
@@ -300,7 +320,7 @@ def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple
     for k, indices in enumerate(group):
         batch = collate(indices)
         ids = batch.pop("example_ids")
-        batch.pop("bad", None)
+        ctx.skipped.record(batch.pop("bad", []))
         if not ids:
             continue
         audio_samples += sum(sum(collate.records[i].clip_samples) for i in ids)
@@ -374,21 +394,60 @@ def _progress_bar(main: bool, total: int, done: int):
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _fill_cache(core, processor, cache, records, prompts, seed, main) -> None:
-    """Encode every audio window of the train and eval records once, before the first step."""
+def _fill_cache(core, processor, cache, records, prompts, seed, main) -> list[DataProblem]:
+    """Encode every audio window of the train and eval records once, before the first step. Returns the
+    records whose conversation cannot be rendered (audio that fails to decode in full, non-finite samples),
+    each named by its manifest line; the others are all encoded."""
     from .cache import precompute
 
     every = Collator(processor, records, prompts, seed)
+    bad: list[DataProblem] = []
+
+    def render(indices: range) -> list:
+        return processor([every.conversation(i) for i in indices], featurize=False,
+                         return_labels=False).get("audio_windows", [])
 
     def windows(chunk: int = 32):
         # a chunk of conversations per call: with transcript hints, their windows are decoded in batches
         for start in range(0, len(records), chunk):
-            convs = [every.conversation(i) for i in range(start, min(start + chunk, len(records)))]
-            yield from processor(convs, featurize=False, return_labels=False).get("audio_windows", [])
+            indices = range(start, min(start + chunk, len(records)))
+            try:
+                yield from render(indices)
+            except (ValueError, OSError):  # find which: one at a time
+                for i in indices:
+                    try:
+                        found = render(range(i, i + 1))
+                    except (ValueError, OSError) as err:
+                        bad.append(DataProblem(records[i].where, str(err)))
+                        continue
+                    yield from found
 
     stats = precompute(core, processor.featurizer, windows(), cache, progress=main)
     if main:
-        logger.info("feature cache %s: %s", cache.directory, stats)
+        logger.info("feature cache %s: %s%s", cache.directory, stats, f"; {len(bad)} bad examples" if bad else "")
+    return bad
+
+
+class BadExamples:
+    """The examples a run skips once it has started (`data.skip_bad`), each logged once and appended to
+    `path` (`bad_examples_train.jsonl`, after the problems the up-front check found) by the main process."""
+
+    def __init__(self, path: Path, main: bool) -> None:
+        self.path, self.main = path, main
+        self.seen: set[str] = set()
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
+                    self.seen.add(json.loads(line)["where"])
+
+    def record(self, problems: list[DataProblem]) -> None:
+        """Log and list each problem not recorded before in this run."""
+        fresh = [p for p in problems if p.where not in self.seen]
+        self.seen.update(p.where for p in fresh)
+        for p in fresh:
+            logger.warning("skipped bad example %s: %s (listed in %s)", p.where, p.message, self.path)
+        if fresh and self.main:
+            write_problems(fresh, self.path, append=True)
 
 
 def _evaluate(core, processor, records, recipe, prompts, cache, metrics, step, acc) -> dict:

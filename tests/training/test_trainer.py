@@ -285,3 +285,33 @@ def test_a_hinted_run_decodes_each_training_window_once_into_the_cache_folder(tm
     train(tiny(tmp_path, "model.transcript_hint=true", "train.max_steps=2", "train.save_every=null", "data.eval=[]",
                "train.overwrite=true"))
     assert decoded == []  # a second run reads them from the file
+
+
+def _with_a_nan_clip(tmp_path: Path) -> Path:
+    """A manifest of 4 good clips and, on line 3, a float wav whose header is fine and samples are all NaN."""
+    import soundfile as sf
+
+    sf.write(tmp_path / "nan.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    lines = [json.dumps({"audio": str(DATA / "clips" / f"sound{k}_v0.wav"), "text": "tone"}) for k in range(4)]
+    lines.insert(2, json.dumps({"audio": str(tmp_path / "nan.wav"), "text": "tone"}))
+    manifest = tmp_path / "nan.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_a_clip_bad_only_in_full_is_named_by_line_and_skip_bad_lists_it(tmp_path, cache, caplog):
+    manifest = _with_a_nan_clip(tmp_path)
+    common = [f"data.train=[{{path: {manifest}}}]", "data.eval=[]", f"cache.enabled={cache}", "data.batch_size=5",
+              "train.max_steps=2"]
+    with pytest.raises(DataError) as err:
+        train(tiny(tmp_path, *common))
+    assert "nan.jsonl line 3" in str(err.value) and "NaN" in str(err.value)
+    assert "line 1" not in str(err.value) and "line 4" not in str(err.value)
+    with caplog.at_level("WARNING"):
+        result = train(tiny(tmp_path, *common, "data.skip_bad=true", "train.overwrite=true"))
+    assert result["steps"] == 2
+    listed = [json.loads(x) for x in (tmp_path / "run" / "bad_examples_train.jsonl").read_text().splitlines()]
+    assert [x["where"].endswith("nan.jsonl line 3") for x in listed] == [True] and "NaN" in listed[0]["message"]
+    assert sum("skipped bad example" in r.getMessage() and "nan.jsonl line 3" in r.getMessage()
+               for r in caplog.records) == 1  # once, however many steps meet it
