@@ -220,7 +220,8 @@ def filter_by_hint(
         except json.JSONDecodeError as err:
             problems.append(f"{manifest} line {n}: not JSON ({err.msg})")
             continue
-        if not isinstance(item, dict) or not isinstance(item.get("audio"), str) or not str(item.get("text", "")).strip():
+        usable = isinstance(item, dict) and isinstance(item.get("audio"), str) and str(item.get("text", "")).strip()
+        if not usable:
             problems.append(f"{manifest} line {n}: expected an object with an 'audio' path and a non-empty 'text'")
             continue
         if not Path(item["audio"]).is_absolute():
