@@ -112,6 +112,28 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="a web origin (e.g. https://app.example.com, or *) whose pages may call the API; repeatable "
         "(default: none, no CORS headers)",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=default("max_connections"),
+        help="open connections at most; one more is answered 503 and closed (default: %(default)s, lowered "
+        "to fit the open-file limit)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=default("header_timeout_s"),
+        metavar="SECONDS",
+        help="a connection that has not sent a whole request head this long after it opens (or after its last "
+        "answer) is closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=default("body_timeout_s"),
+        metavar="SECONDS",
+        help="a request body not all received this long after its head gets 408 (default: %(default)s)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: info)")
     add_placement_options(serve)
     serve.set_defaults(run=run_serve)
@@ -159,6 +181,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         api_key=args.api_key,
         cors_origins=tuple(args.cors_origin),
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
     )
     settings.validate()  # a bad --cors-origin or empty --api-key is named before the port is taken
     sock = listen(args.host, args.port)

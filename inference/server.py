@@ -51,6 +51,7 @@ from eardrum.adapters.placement import Placement, load_placed
 from eardrum.adapters.processor import AudioProcessor, ConversationError
 
 from .batch_engine import GenerationEngine, Job
+from .connections import guarded_protocol, limit_log_floods
 from .openai_schema import (
     APIError,
     AudioClip,
@@ -227,15 +228,27 @@ async def _complete(job: Job, reply: _Reply) -> dict:
     return completion_body(reply.id, reply.created, reply.model, event.text, event.finish_reason, usage)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most `limit` bytes (413) and received within `timeout_s` (408)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:  # a chunked upload with no declared length
-            raise _too_large(None, limit)
+
+    async def read() -> None:
+        async for piece in request.stream():
+            body.extend(piece)
+            if len(body) > limit:  # a chunked upload with no declared length
+                raise _too_large(None, limit)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logger.warning("%s sent %d bytes of its body in %g s (--body-timeout); answered 408", peer, len(body),
+                       timeout_s)
+        raise APIError(408, f"the request body was not all received within {timeout_s:g} s (--body-timeout); "
+                       f"{len(body)} bytes arrived", code="request_timeout") from None
     return bytes(body)
 
 
@@ -286,7 +299,7 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
         check_api_key(request, settings.api_key)
         check_json_body(request)
         try:
-            raw = await _read_body(request, settings.max_request_bytes)
+            raw = await _read_body(request, settings.max_request_bytes, settings.body_timeout_s)
         except ClientDisconnect:  # nobody is left to answer: one line in the log, no traceback
             peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
             logger.info("%s disconnected while sending its request body; nothing was run", peer)
@@ -362,7 +375,9 @@ class DrainingServer(uvicorn.Server):
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    # 408 and 413 leave part of the body unread: the connection cannot carry another request
+    unread = exc.status in (408, 413)
+    return JSONResponse(exc.body(), status_code=exc.status, headers={"Connection": "close"} if unread else None)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -393,5 +408,13 @@ def serve(
         "requests per batch)",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S)
-    DrainingServer(config, app.state.engine).run(sockets=[sock])
+    DrainingServer(server_config(app, settings, log_level), app.state.engine).run(sockets=[sock])
+
+
+def server_config(app: Starlette, settings: ServerSettings, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for `app`: the guarded protocol (connection cap, request-head deadline), the drain
+    deadline, and log lines that cannot flood (`connections.limit_log_floods`)."""
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S,
+                            http=guarded_protocol(settings))
+    limit_log_floods()
+    return config

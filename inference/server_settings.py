@@ -19,12 +19,16 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # longer prompts (audio tokens included) get 400; None: the LLM's context
     api_key: str | None = None  # set: every /v1 request needs `Authorization: Bearer <api_key>` (else 401)
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the API from a browser; none: no CORS headers
+    max_connections: int = 256  # open connections; one more is answered 503 server_busy and closed at once
+    header_timeout_s: float = 10.0  # a connection without a whole request head this long after it opens: closed
+    body_timeout_s: float = 120.0  # a request body not all received this long after its head: 408 request_timeout
 
     def validate(self) -> None:
         """Raise one ValueError listing every setting out of range."""
         problems = [
             f"{name}: expected a positive number, got {getattr(self, name)!r}"
-            for name in ("max_batch", "max_new_tokens", "max_request_bytes", "max_audio_seconds")
+            for name in ("max_batch", "max_new_tokens", "max_request_bytes", "max_audio_seconds", "max_connections",
+                         "header_timeout_s", "body_timeout_s")
             if not getattr(self, name) > 0
         ]
         if self.max_prompt_tokens is not None and not self.max_prompt_tokens > 0:
