@@ -48,13 +48,15 @@ def build_audio_llm(
     quantization: str | None = None,
     dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[AudioLLM, AudioProcessor]:
-    """Load the base encoder and LLM named by `config` and attach a freshly initialised projector."""
+    """Load the base encoder and LLM named by `config` and attach a freshly initialised projector.
+    `device` places a quantized LLM as it loads (`sources.load_causal_lm`); the rest stays on the CPU."""
     config.validate()
     speech_model, feature_extractor = load_speech_model(config.encoder, cache_dir=cache_dir)
     encoder = build_speech_encoder(speech_model, config.encoder_layer, config.pad_to_30s)
     llm, tokenizer = load_causal_lm(
-        config.llm, quantization=quantization, dtype=dtype, trust_remote_code=config.trust_remote_code
+        config.llm, quantization=quantization, dtype=dtype, trust_remote_code=config.trust_remote_code, device=device
     )
     featurizer = AudioFeaturizer(feature_extractor, encoder.spec, config.pad_to_30s)
     processor = AudioProcessor(tokenizer, featurizer, config)
@@ -251,8 +253,10 @@ def load_pretrained(
     is_trainable: bool = False,
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[AudioLLM, AudioProcessor]:
     """Rebuild the model of a checkpoint directory from its base sources and its trained weights.
+    `device` places a quantized LLM as it loads (`sources.load_causal_lm`).
 
     `trust_remote_code` lets the LLM's own Python code run; only the caller decides it. A checkpoint
     whose config says `"trust_remote_code": true` gets a warning and loads without it.
@@ -270,7 +274,7 @@ def load_pretrained(
     state = read_safetensors(directory / WEIGHTS_NAME)  # before the base models load: a bad file fails fast
     if meta.get("has_lora"):
         check_adapter_dir(directory / ADAPTER_DIR)
-    model, _ = build_audio_llm(config, quantization=quantization, dtype=dtype, cache_dir=cache_dir)
+    model, _ = build_audio_llm(config, quantization=quantization, dtype=dtype, cache_dir=cache_dir, device=device)
     processor = load_processor(directory)
     processor.transcriber = model.transcriber
     if processor.placeholder_id != meta["placeholder_id"]:

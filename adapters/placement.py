@@ -108,7 +108,7 @@ def load_placed(directory: str | os.PathLike, placement: Placement = Placement()
 
     device, dtype = _resolved(placement)
     model, processor = load_pretrained(directory, quantization=placement.quantization, dtype=dtype,
-                                       trust_remote_code=placement.trust_remote_code)
+                                       trust_remote_code=placement.trust_remote_code, device=device)
     _place(model, device, dtype)
     quantization = placement.quantization or "none"
     logger.info("loaded %s on %s in %s (LLM quantization %s)", directory, device, dtype, quantization)

@@ -414,6 +414,7 @@ def load_causal_lm(
     quantization: str | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a causal language model and its tokenizer from any source.
 
@@ -425,6 +426,9 @@ def load_causal_lm(
             "8bit", through bitsandbytes.
         dtype: the parameter dtype; None lets transformers choose.
         trust_remote_code: allow code from the model repository to run.
+        device: where a quantized model is placed as it loads (bitsandbytes weights cannot move later);
+            None: bitsandbytes' default, the current CUDA device where there is one. An unquantized model
+            loads on the CPU whatever `device` says; the caller moves it.
 
     Returns:
         The model (eval mode) and its tokenizer.
@@ -448,6 +452,8 @@ def load_causal_lm(
         options["dtype"] = dtype
     if quantization_config is not None:
         options["quantization_config"] = quantization_config
+        if device is not None:
+            options["device_map"] = {"": torch.device(device)}
     model = AutoModelForCausalLM.from_pretrained(location, **options).eval()
     logger.info(
         "causal LM %s: %s, %.1fM parameters, quantization %s, from %s%s",

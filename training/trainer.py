@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,10 +108,17 @@ def _accelerator(recipe: Recipe):
         # the demo's stages) may ask for another. Processes and devices stay; only that state goes.
         AcceleratorState._reset_state()
     logger.info("mixed precision: %s", precision)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise TrainingError(
+            "the accelerate config asks for FSDP, but there is no GPU: accelerate runs FSDP only on GPU processes "
+            "(on CPU ones it refuses fsdp_sync_module_states and, without it, falls back to DDP with the whole "
+            "model in every process); for CPU processes use configs/accelerate/ddp.yaml"
+        )
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
-def _build_model(recipe: Recipe):
+def _build_model(recipe: Recipe, device: torch.device):
+    """The model to train, with a quantized LLM placed on this process's `device` as it loads."""
     t = recipe.train
     if t.init_from:
         meta = read_checkpoint_meta(t.init_from)
@@ -119,11 +127,11 @@ def _build_model(recipe: Recipe):
                 f"train.init_from: the model section differs from the config saved in {t.init_from}; "
                 "copy that config into the recipe's model section"
             )
-        model, processor = load_pretrained(t.init_from, quantization=t.quantization)
+        model, processor = load_pretrained(t.init_from, quantization=t.quantization, device=device)
         if hasattr(model.llm, "peft_config"):
             model.llm = model.llm.merge_and_unload() if not t.quantization else model.llm
     else:
-        model, processor = build_audio_llm(recipe.model, quantization=t.quantization)
+        model, processor = build_audio_llm(recipe.model, quantization=t.quantization, device=device)
     if recipe.lora.encoder:
         if model.transcriber is not None:
             raise ValueError("lora.encoder and model.transcript_hint: Whisper's decoder reads the same encoder, so "
@@ -189,7 +197,7 @@ def _train(recipe: Recipe, acc) -> dict:
     train_records, train_sources = data["train"]
     eval_records, _ = data["eval"]
     set_seed(t.seed)
-    model, processor = _build_model(recipe)
+    model, processor = _build_model(recipe, acc.device)
     if main:
         logger.info(parameter_report(model))
     cache = make_cache(recipe, model) if recipe.cache.enabled else None
@@ -198,6 +206,9 @@ def _train(recipe: Recipe, acc) -> dict:
     optimizer, scheduler_fn = build_optimizer(model, recipe)
     model, optimizer = acc.prepare(model, optimizer)
     core = acc.unwrap_model(model)
+    if main:
+        logger.info("%s, %d process(es), %s; the model runs as %s", acc.distributed_type, acc.num_processes,
+                    acc.device, type(model).__name__)
     skipped = BadExamples(out / "bad_examples_train.jsonl", main)
     if cache is not None:  # before the plan: a clip that cannot be read there is named, and skipped or fatal
         bad = _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, main)

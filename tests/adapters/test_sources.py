@@ -511,7 +511,7 @@ def test_unknown_quantization_lists_the_allowed_values(llama: tuple) -> None:
 def test_4bit_loading_on_cpu_quantises_every_block_linear(llama: tuple) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     folder, model, tokenizer = llama
-    quantised, _ = load_causal_lm(str(folder), quantization="4bit")
+    quantised, _ = load_causal_lm(str(folder), quantization="4bit", device="cpu")  # CPU even beside a GPU
     linears = [m for m in quantised.modules() if isinstance(m, torch.nn.Linear)]
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in linears) == 7 * 2  # q k v o gate up down, 2 layers
     assert not isinstance(quantised.lm_head, bnb.nn.Linear4bit)
@@ -519,3 +519,22 @@ def test_4bit_loading_on_cpu_quantises_every_block_linear(llama: tuple) -> None:
     with torch.no_grad():
         logits = quantised(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and bool(logits.isfinite().all())
+
+
+def test_a_quantized_llm_is_placed_where_asked_as_it_loads(llama: tuple, monkeypatch) -> None:
+    """bitsandbytes places a quantized model itself (on the current GPU where there is one) and its weights
+    cannot move later: `device` must reach `from_pretrained` as the device map; unquantized, it never does."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    seen, real = [], AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    folder = str(llama[0])
+    load_causal_lm(folder, quantization="4bit", device="cpu")
+    load_causal_lm(folder, device="cpu")
+    assert seen == [{"": torch.device("cpu")}, None]

@@ -25,7 +25,9 @@ def command(tmp: Path, out: str, *extra: str) -> list[str]:
 
 
 def env(tmp: Path) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "EARDRUM_CACHE": str(tmp / "ecache")}
+    """CPU only, even beside a GPU (two ranks would otherwise both take CUDA device 0)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "EARDRUM_CACHE": str(tmp / "ecache"),
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def read(path: Path, key: str) -> dict[int, object]:
@@ -58,6 +60,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for epoch in range(3):  # every example exactly once per epoch
         seen = [w for step, ws in resumed_seen.items() if (step - 1) // 6 == epoch for w in ws]
         assert len(seen) == len(set(seen)) == 24
+
+
+def test_the_fsdp_config_on_cpu_processes_stops_at_once_saying_why(tmp_path):
+    """accelerate runs FSDP only on GPU processes: on CPU ones it refuses configs/accelerate/fsdp.yaml's
+    fsdp_sync_module_states and, without it, quietly runs DDP. eardrum says so before any work."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+    result = subprocess.run([*launch, *command(tmp_path, "fsdp", "train.max_steps=2")], env=env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "asks for FSDP, but there is no GPU" in result.stderr and "configs/accelerate/ddp.yaml" in result.stderr
+    assert not (tmp_path / "fsdp" / "final").exists()
 
 
 def test_two_processes_ddp_on_cpu(tmp_path):
