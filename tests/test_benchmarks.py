@@ -68,3 +68,17 @@ def test_count_probe_trains_a_probe_per_stack_and_reports_held_out_accuracy(tmp_
         assert len(probe["held_out_accuracy_by_epoch"]) == 2
         # 8 held-out clips: every accuracy is a multiple of 1/8
         assert all(abs(a * 8 - round(a * 8)) < 1e-6 for a in probe["held_out_accuracy_by_epoch"])
+
+
+def test_server_soak_reports_every_kind_of_client_and_the_servers_resources(tmp_path):
+    out = tmp_path / "soak.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.server_soak", "--seconds", "3", "--warm-up", "1", "--out",
+                    str(out)], check=True, capture_output=True, timeout=600, cwd=BENCH.parent,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert {"normal", "streaming", "longest", "oversized_body", "oversized_prompt", "disconnecting"} <= set(
+        report["kinds"])
+    assert report["normal_failures"] == 0 and report["normal_latency_ms"]["count"] > 0
+    assert all(row["as_expected"] == row["sent"] for row in report["kinds"].values()), report["surprises"]
+    assert report["server_after"]["open_fds"] <= report["server_before"]["open_fds"] + 2
+    assert report["exit_code_on_sigterm"] == 0 and set(report["targets"]) >= {"log under 1 MB", "p99 < 10x p50"}
