@@ -64,7 +64,8 @@ class Collator:
         batch["example_ids"] = list(indices)
         batch["bad"] = bad
         if self.teacher:
-            rows = [k for k, i in enumerate(indices) if "transcript" in self.records[i].fields]
+            # "" says nothing is spoken: the text teacher would read an empty message, so those rows have none
+            rows = [k for k, i in enumerate(indices) if str(self.records[i].fields.get("transcript", "")).strip()]
             if rows:
                 texts = [
                     text_in_place_of_audio(convs[k], self.records[indices[k]].fields["transcript"]) for k in rows

@@ -104,7 +104,7 @@ def distilled_manifest(path: Path, n: int = 8) -> Path:
         user = [{"type": "audio", "audio": clip}, {"type": "text", "text": "Answer the question in the recording."}]
         line = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": f"{k % 3 + 1} beeps"}]}
         if k % 4 != 3:  # every fourth line has no transcript: it trains on the answer alone
-            line["transcript"] = f"how many beeps are there, number {k}?"
+            line["transcript"] = f"how many beeps are there, number {k}?" if k != 6 else ""  # 6: nothing is said
         lines.append(line)
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
@@ -124,6 +124,8 @@ def test_the_collator_adds_text_twins_for_records_with_a_transcript(built, tmp_p
     assert torch.equal(want, (teacher["labels"] != -100).sum(1))
     plain = Collator(processor, records, DEFAULT_PROMPTS, 0, featurize=False)([0, 3, 5])
     assert "teacher" not in plain
+    silent = Collator(processor, records, DEFAULT_PROMPTS, 0, featurize=False, teacher=True)([6, 1])
+    assert silent["teacher"]["rows"].tolist() == [1]  # record 6 says nothing is spoken: no text to read
 
 
 def test_transcripts_are_checked(tmp_path):
