@@ -44,8 +44,11 @@ class DistillError(ValueError):
     """A manifest line that cannot be distilled; the message names the file and line."""
 
 
-def _read_items(manifest: Path) -> list[tuple[int, dict]]:
-    items, problems = [], []
+def _read_items(manifest: Path, field: str, expected: str, problems: list[str]) -> list[tuple[int, dict]]:
+    """(line number, item) of each JSON object of `manifest` with an 'audio' and a non-empty `field`, its
+    audio path made absolute; every other line is added to `problems`, named by file and line, with
+    `expected` saying what a line must be."""
+    items = []
     for n, raw in enumerate(manifest.read_text().splitlines(), start=1):
         if not raw.strip():
             continue
@@ -54,16 +57,19 @@ def _read_items(manifest: Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as err:
             problems.append(f"{manifest} line {n}: not JSON ({err.msg})")
             continue
-        if not isinstance(item, dict) or not str(item.get("transcript", "")).strip() or "audio" not in item:
-            problems.append(f"{manifest} line {n}: expected an object with 'audio' and a non-empty 'transcript'")
+        if not isinstance(item, dict) or not str(item.get(field, "")).strip() or "audio" not in item:
+            problems.append(f"{manifest} line {n}: expected {expected}")
             continue
         audio = item["audio"]
         if isinstance(audio, str) and not Path(audio).is_absolute():
             item["audio"] = str((manifest.parent / audio).resolve())
         items.append((n, item))
+    return items
+
+
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         raise DistillError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return items
 
 
 def text_prompt(item: dict) -> list[dict]:
@@ -94,7 +100,9 @@ def distill_manifest(
     Returns {"items", "written", "kept", "empty"}; items whose answer is empty are left out.
     """
     manifest, out = Path(manifest), Path(out)
-    items = _read_items(manifest)
+    problems: list[str] = []
+    items = _read_items(manifest, "transcript", "an object with 'audio' and a non-empty 'transcript'", problems)
+    _raise_problems(problems)
     done = set()
     if out.is_file():
         done = {json.loads(line)["source_line"] for line in out.read_text().splitlines() if line.strip()}
@@ -211,22 +219,8 @@ def filter_by_hint(
         raise ValueError(f"max_wer: expected a word error rate >= 0, got {max_wer!r}")
     manifest, out = Path(manifest), Path(out)
     normalise = normalise or (lambda text: text)
-    rows, problems = [], []
-    for n, raw in enumerate(manifest.read_text().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as err:
-            problems.append(f"{manifest} line {n}: not JSON ({err.msg})")
-            continue
-        usable = isinstance(item, dict) and isinstance(item.get("audio"), str) and str(item.get("text", "")).strip()
-        if not usable:
-            problems.append(f"{manifest} line {n}: expected an object with an 'audio' path and a non-empty 'text'")
-            continue
-        if not Path(item["audio"]).is_absolute():
-            item["audio"] = str((manifest.parent / item["audio"]).resolve())
-        rows.append((n, item))
+    problems: list[str] = []
+    rows = _read_items(manifest, "text", "an object with an 'audio' path and a non-empty 'text'", problems)
     window = int(window_seconds * SAMPLING_RATE)
     hints: dict[int, str] = {}
     checked = [(n, item) for n, item in rows if item.get("transcript") != ""]
@@ -245,8 +239,7 @@ def filter_by_hint(
             hints[n] = f"{hints[n]} {text}" if n in hints else text
         logger.info("filter_by_hint %s: %d of %d clips transcribed", manifest, min(start + HINT_CHUNK, len(checked)),
                     len(checked))
-    if problems:
-        raise DistillError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    _raise_problems(problems)
     kept = unchecked = 0
     with out.open("w") as f:
         for n, item in rows:
