@@ -1,0 +1,265 @@
+"""A library of recordings: every recording cut into timestamped windows, each window's text in a full-text index.
+
+    library = AudioLibrary("meetings.eardrum-library")
+    library.index(["recordings/"], describe, describer="runs/demo/final")   # new and changed files only
+    library.search("budget decision", k=5)   # -> [Hit(path, start, end, text, score), ...]
+
+The store is one SQLite file (no server; FTS5 ranks windows by BM25). Each file is indexed in one
+transaction, so a killed run loses nothing already indexed and leaves no half-indexed file; a file is
+known by its content hash, so a re-run skips the unchanged ones, re-indexes changed ones and drops the
+windows of files that are gone. A file that cannot be read is named and skipped. What a window's text is
+comes from `describe` (windows -> texts), e.g. the model's own transcript of each window.
+
+A library outgrowing one machine moves to a server-grade engine by exporting `windows` (path, start,
+end, text) as rows: every column is plain data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eardrum.adapters.audio import SAMPLING_RATE, AudioError, load_audio
+from eardrum.adapters.config import plan_windows
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_VERSION = 1
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")  # what soundfile decodes
+DEFAULT_WINDOW_S = 20.0
+DEFAULT_OVERLAP_S = 5.0
+STOPWORDS = frozenset(
+    "a an and are as at be by did do does for from had has have how i in is it its of on or said says that "
+    "the their there this to was were what when where which who why will with you your about any anyone".split()
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, sha256 TEXT NOT NULL, seconds REAL NOT NULL,
+    indexed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS windows (
+    id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    start REAL NOT NULL, end REAL NOT NULL, text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS windows_by_file ON windows(file_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, content='windows', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS windows_added AFTER INSERT ON windows BEGIN
+    INSERT INTO windows_text(rowid, text) VALUES (new.id, new.text); END;
+CREATE TRIGGER IF NOT EXISTS windows_removed AFTER DELETE ON windows BEGIN
+    INSERT INTO windows_text(windows_text, rowid, text) VALUES ('delete', old.id, old.text); END;
+"""
+
+
+class LibraryError(ValueError):
+    """A library file that cannot be used, or settings that contradict the library's own."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A window found by a search: its recording, its span in seconds, its indexed text, its BM25 score
+    (lower is better, as SQLite's bm25() gives it)."""
+
+    path: str
+    start: float
+    end: float
+    text: str
+    score: float
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def audio_files(sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Every audio file (by suffix, `AUDIO_SUFFIXES`) of `sources` (files and folders walked in name order),
+    resolved; a source that does not exist raises LibraryError naming it."""
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            yield path.resolve()
+        elif path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    if name.lower().endswith(AUDIO_SUFFIXES):
+                        yield (Path(root) / name).resolve()
+        else:
+            raise LibraryError(f"{source}: no such file or folder; expected recordings or folders holding them")
+
+
+def search_terms(question: str) -> str:
+    """An FTS5 query for a question: its words (stopwords dropped), each quoted, any of them matching."""
+    words = [w for w in re.findall(r"[\w']+", question.lower()) if w not in STOPWORDS]
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+
+
+class AudioLibrary:
+    """One library file: its recordings, their windows and the windows' text (see the module)."""
+
+    def __init__(self, path: str | os.PathLike, *, window_s: float | None = None,
+                 overlap_s: float | None = None) -> None:
+        """Open (or create) the library at `path`. `window_s` / `overlap_s` set a new library's windows
+        (defaults DEFAULT_WINDOW_S / DEFAULT_OVERLAP_S); for an existing one they must match what it holds."""
+        self.path = Path(path)
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise LibraryError(f"{self.path}: not an eardrum library ({err})") from None
+        stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        wanted = {"version": str(LIBRARY_VERSION),
+                  "window_s": str(float(window_s if window_s is not None else DEFAULT_WINDOW_S)),
+                  "overlap_s": str(float(overlap_s if overlap_s is not None else DEFAULT_OVERLAP_S))}
+        if not stored:
+            if not 0 <= float(wanted["overlap_s"]) < float(wanted["window_s"]):
+                raise LibraryError(f"window_s={wanted['window_s']}, overlap_s={wanted['overlap_s']}: expected "
+                                   "0 <= overlap < window")
+            with self.db:
+                self.db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+            stored = wanted
+        for key, asked in (("window_s", window_s), ("overlap_s", overlap_s)):
+            if asked is not None and float(stored[key]) != float(asked):
+                raise LibraryError(f"{self.path}: its windows use {key}={stored[key]}, not {asked}; index into a new "
+                                   "library to change them")
+        if stored.get("version") != str(LIBRARY_VERSION):
+            raise LibraryError(f"{self.path}: library version {stored.get('version')}, this eardrum reads "
+                               f"{LIBRARY_VERSION}; index the recordings into a new library")
+        self.window_s, self.overlap_s = float(stored["window_s"]), float(stored["overlap_s"])
+
+    def close(self) -> None:
+        """Close the database file."""
+        self.db.close()
+
+    def __enter__(self) -> AudioLibrary:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def meta(self, key: str) -> str | None:
+        """A stored setting (e.g. "describer": what made the windows' text), or None."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def stats(self) -> dict:
+        """{"files", "hours", "windows", "describer", "window_s", "overlap_s"} of what is indexed."""
+        files, seconds = self.db.execute("SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM files").fetchone()
+        windows = self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        return {"files": files, "hours": seconds / 3600, "windows": windows, "describer": self.meta("describer"),
+                "window_s": self.window_s, "overlap_s": self.overlap_s}
+
+    def files(self) -> list[tuple[str, float]]:
+        """(path, seconds) of every indexed recording, by path."""
+        return self.db.execute("SELECT path, seconds FROM files ORDER BY path").fetchall()
+
+    def windows(self, path: str | os.PathLike) -> list[tuple[float, float, str]]:
+        """(start, end, text) of one indexed recording's windows, in time order."""
+        return self.db.execute(
+            "SELECT w.start, w.end, w.text FROM windows w JOIN files f ON f.id = w.file_id WHERE f.path = ? "
+            "ORDER BY w.start", (str(Path(path).resolve()),)).fetchall()
+
+    def index(
+        self,
+        sources: Sequence[str | os.PathLike],
+        describe: Callable[[list[np.ndarray]], list[str]],
+        *,
+        describer: str,
+        batch_windows: int = 16,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict:
+        """Index the audio files of `sources`: new and changed files (by content hash) get their windows and
+        texts (`describe(waves) -> texts`, called on up to `batch_windows` windows at once); files of
+        `sources` that are gone lose theirs. `describer` names what makes the texts (e.g. the model folder);
+        a library holds the texts of one describer only.
+
+        Returns {"files_seen", "indexed", "unchanged", "removed", "skipped": [(path, why)], "audio_seconds",
+        "seconds"}; a file that cannot be read is skipped (logged, listed) and never stops the run."""
+        known = self.meta("describer")
+        if known is not None and known != describer:
+            raise LibraryError(f"{self.path}: its windows were described by {known}, not {describer}; index into "
+                               "a new library, or with the same model")
+        if known is None:
+            with self.db:
+                self.db.execute("INSERT INTO meta VALUES ('describer', ?)", (describer,))
+        start_time = time.perf_counter()
+        summary = {"files_seen": 0, "indexed": 0, "unchanged": 0, "removed": 0, "skipped": [], "audio_seconds": 0.0}
+        seen: set[str] = set()
+        roots = [Path(s).expanduser().resolve() for s in sources]
+        for path in audio_files(sources):
+            summary["files_seen"] += 1
+            seen.add(str(path))
+            try:
+                digest = file_sha256(path)
+                row = self.db.execute("SELECT sha256 FROM files WHERE path = ?", (str(path),)).fetchone()
+                if row is not None and row[0] == digest:
+                    summary["unchanged"] += 1
+                    continue
+                wave = load_audio(path, name=str(path))
+            except (OSError, AudioError) as err:
+                logger.warning("skipped %s: %s", path, err)
+                summary["skipped"].append((str(path), str(err)))
+                continue
+            self._index_file(path, digest, wave, describe, batch_windows)
+            summary["indexed"] += 1
+            summary["audio_seconds"] += len(wave) / SAMPLING_RATE
+            if progress is not None:
+                elapsed = time.perf_counter() - start_time
+                rate = summary["audio_seconds"] / elapsed if elapsed > 0 else 0.0
+                progress(f"indexed {path.name} ({len(wave) / SAMPLING_RATE:.0f} s); {summary['indexed']} files, "
+                         f"{summary['audio_seconds'] / 3600:.2f} h of audio at {rate:.0f} audio hours per hour")
+        summary["removed"] = self._remove_gone(roots, seen)
+        summary["seconds"] = time.perf_counter() - start_time
+        return summary
+
+    def _index_file(self, path: Path, digest: str, wave: np.ndarray, describe, batch_windows: int) -> None:
+        spans = plan_windows(len(wave), int(self.window_s * SAMPLING_RATE), int(self.overlap_s * SAMPLING_RATE))
+        texts: list[str] = []
+        for first in range(0, len(spans), batch_windows):
+            chunk = spans[first : first + batch_windows]
+            texts += describe([wave[a:b] for a, b in chunk])
+        if len(texts) != len(spans):
+            raise LibraryError(f"describe returned {len(texts)} texts for {len(spans)} windows of {path}")
+        with self.db:  # one transaction: the file is indexed whole or not at all
+            self.db.execute("DELETE FROM files WHERE path = ?", (str(path),))
+            file_id = self.db.execute(
+                "INSERT INTO files (path, sha256, seconds, indexed_at) VALUES (?, ?, ?, ?)",
+                (str(path), digest, len(wave) / SAMPLING_RATE, time.time())).lastrowid
+            self.db.executemany(
+                "INSERT INTO windows (file_id, start, end, text) VALUES (?, ?, ?, ?)",
+                [(file_id, a / SAMPLING_RATE, b / SAMPLING_RATE, text) for (a, b), text in zip(spans, texts)])
+
+    def _remove_gone(self, roots: list[Path], seen: set[str]) -> int:
+        gone = [p for (p,) in self.db.execute("SELECT path FROM files") if p not in seen and any(
+            Path(p) == root or root in Path(p).parents for root in roots)]
+        with self.db:
+            self.db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in gone])
+        for p in gone:
+            logger.info("removed %s from the library: the file is gone", p)
+        return len(gone)
+
+    def search(self, question: str, k: int = 5) -> list[Hit]:
+        """The `k` windows whose text best matches the words of `question` (BM25), best first; [] when no
+        word of it is in the library."""
+        terms = search_terms(question)
+        if not terms:
+            return []
+        rows = self.db.execute(
+            "SELECT f.path, w.start, w.end, w.text, bm25(windows_text) AS score FROM windows_text "
+            "JOIN windows w ON w.id = windows_text.rowid JOIN files f ON f.id = w.file_id "
+            "WHERE windows_text MATCH ? ORDER BY score LIMIT ?", (terms, k)).fetchall()
+        return [Hit(*row) for row in rows]

@@ -1,0 +1,132 @@
+"""The library of recordings: timestamped windows, full-text search, incremental and kill-safe indexing."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from eardrum.inference.library import AudioLibrary, LibraryError, search_terms
+
+SR = 16000
+WORDS = {440: "alarm ringing", 660: "budget approved by Maria", 880: "dog barking"}
+
+
+def recording(path, seconds: float, events: dict[float, int]) -> None:
+    """Quiet noise with a 2 s tone of frequency f starting at each second t of `events` {t: f}."""
+    wave = 0.001 * np.random.default_rng(len(events)).standard_normal(int(seconds * SR)).astype(np.float32)
+    for at, freq in events.items():
+        t = np.arange(2 * SR) / SR
+        wave[int(at * SR) : int(at * SR) + 2 * SR] += 0.5 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    sf.write(path, wave, SR)
+
+
+class Describer:
+    """Names the tone heard in each window (the loudest frequency), as a model's text would; counts calls."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.windows = 0
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, waves: list[np.ndarray]) -> list[str]:
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise KeyboardInterrupt  # as a kill would stop the run mid-file
+        self.windows += len(waves)
+        texts = []
+        for w in waves:
+            if np.abs(w).max() < 0.1:
+                texts.append("quiet room")
+                continue
+            freq = np.argmax(np.abs(np.fft.rfft(w))) * SR / len(w)
+            texts.append(WORDS[min(WORDS, key=lambda f: abs(f - freq))])
+        return texts
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "recordings"
+    root.mkdir()
+    recording(root / "meeting.wav", 65, {40: 660})
+    recording(root / "street.wav", 30, {3: 880})
+    recording(root / "night.flac", 25, {})
+    return root
+
+
+def test_windows_carry_their_times_and_search_finds_the_planted_one(tmp_path, folder):
+    with AudioLibrary(tmp_path / "lib.sqlite", window_s=20, overlap_s=5) as lib:
+        summary = lib.index([folder], Describer(), describer="test")
+        assert summary["indexed"] == 3 and summary["skipped"] == [] and summary["audio_seconds"] == pytest.approx(120)
+        spans = [(a, b) for a, b, _ in lib.windows(folder / "meeting.wav")]
+        assert spans == [(0, 20), (15, 35), (30, 50), (45, 65)]  # 20 s windows overlapping by 5 s, none dropped
+        hits = lib.search("What did Maria say about the budget?", k=3)
+        assert (hits[0].path, hits[0].start, hits[0].end) == (str(folder / "meeting.wav"), 30, 50)
+        assert lib.search("a dog?")[0].path == str(folder / "street.wav")
+        assert lib.search("the of and") == [] and lib.search("violin") == []
+        stats = lib.stats()
+        assert stats["files"] == 3 and stats["windows"] == 4 + 2 + 2 and stats["describer"] == "test"
+        assert stats["hours"] == pytest.approx(120 / 3600)
+
+
+def test_rerun_indexes_only_new_and_changed_files_and_drops_gone_ones(tmp_path, folder):
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path) as lib:
+        lib.index([folder], Describer(), describer="test")
+    recording(folder / "street.wav", 30, {20: 440})  # changed: the dog is now an alarm
+    (folder / "night.flac").unlink()
+    recording(folder / "later.wav", 10, {2: 880})
+    describer = Describer()
+    with AudioLibrary(path) as lib:
+        summary = lib.index([folder], describer, describer="test")
+        assert (summary["indexed"], summary["unchanged"], summary["removed"]) == (2, 1, 1)
+        assert describer.windows == 2 + 1  # street's 2 windows and later's 1; meeting untouched
+        assert [p.rsplit("/", 1)[1] for p, _ in lib.files()] == ["later.wav", "meeting.wav", "street.wav"]
+        assert lib.search("alarm")[0].path == str(folder / "street.wav")
+        assert [h.path for h in lib.search("dog")] == [str(folder / "later.wav")]  # street's dog is gone
+
+
+def test_a_killed_run_keeps_every_finished_file_and_the_next_run_goes_on(tmp_path, folder):
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib, pytest.raises(KeyboardInterrupt):
+        lib.index([folder], Describer(fail_on_call=2), describer="test", batch_windows=16)  # dies in file 2
+    with AudioLibrary(path) as lib:
+        assert [p.rsplit("/", 1)[1] for p, _ in lib.files()] == ["meeting.wav"]  # whole, and nothing half-made
+        assert len(lib.windows(folder / "meeting.wav")) == 4
+        describer = Describer()
+        summary = lib.index([folder], describer, describer="test")
+        assert (summary["indexed"], summary["unchanged"]) == (2, 1) and describer.windows == 2 + 2
+
+
+def test_an_unreadable_file_is_named_and_skipped(tmp_path, folder, caplog):
+    (folder / "broken.wav").write_bytes(b"RIFF....WAVEnot really")
+    with AudioLibrary(tmp_path / "lib.sqlite") as lib:
+        summary = lib.index([folder], Describer(), describer="test")
+    assert summary["indexed"] == 3 and [p.rsplit("/", 1)[1] for p, _ in summary["skipped"]] == ["broken.wav"]
+    assert "broken.wav" in caplog.text
+
+
+def test_bad_libraries_and_settings_are_named(tmp_path, folder):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(LibraryError, match="garbage.sqlite: not an eardrum library"):
+        AudioLibrary(garbage)
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder / "street.wav"], Describer(), describer="model-a")
+        with pytest.raises(LibraryError, match="described by model-a, not model-b"):
+            lib.index([folder], Describer(), describer="model-b")
+    with pytest.raises(LibraryError, match="window_s=20.0, not 30"):
+        AudioLibrary(path, window_s=30)
+    with pytest.raises(LibraryError, match="expected 0 <= overlap < window"):
+        AudioLibrary(tmp_path / "other.sqlite", window_s=10, overlap_s=10)
+    with AudioLibrary(path) as lib, pytest.raises(LibraryError, match="missing.wav: no such file or folder"):
+        lib.index([folder / "missing.wav"], Describer(), describer="model-a")
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM files").fetchone()[0] == 1
+
+
+def test_search_terms_quote_each_word_and_drop_stopwords():
+    assert search_terms('What did "Maria" say about the budget?') == '"maria" OR "say" OR "budget"'
+    assert search_terms("the of") == ""
