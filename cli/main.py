@@ -11,6 +11,8 @@
     eardrum serve --model DIR [--host H] [--port N]   an OpenAI-compatible HTTP server (input_audio parts)
     eardrum generate --model DIR --manifest IN.jsonl --out OUT.jsonl   batch answers, resumable
     eardrum eval --model DIR --manifest TEST.jsonl --task asr|qa|caption [--parity]   metrics
+    eardrum index SOURCE [...] --model DIR --library LIB   recordings into timestamped, searchable windows
+    eardrum library LIB [--search "words"]   what a library holds, what retrieval finds
 
 User mistakes end with one line on stderr and exit code 2; nothing prints a traceback for them.
 """
@@ -126,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=_merge_lora)
     from eardrum.cli.batch import add_batch_parsers
     from eardrum.cli.chat import add_chat_parsers
+    from eardrum.cli.library import add_library_parsers
     from eardrum.cli.serve import add_serve_parser
 
     add_chat_parsers(sub)
+    add_library_parsers(sub)
     add_batch_parsers(sub)
     add_serve_parser(sub)
     return parser

@@ -107,6 +107,31 @@ def search_terms(question: str) -> str:
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
 
 
+DESCRIBE_PROMPT = "Transcribe the audio."  # a trained model answers a window without speech with what it hears
+DESCRIBE_MAX_TOKENS = 96  # a 20 s window of fast speech is about 70 words
+
+
+def model_describer(model, processor, *, batch_size: int = 8, prompt: str = DESCRIBE_PROMPT,
+                    max_new_tokens: int = DESCRIBE_MAX_TOKENS) -> Callable[[list[np.ndarray]], list[str]]:
+    """`describe(waves) -> texts` for `AudioLibrary.index`: the model's own greedy answer to `prompt` for each
+    window (its transcript; for a window without speech, the demo's models say what they hear instead)."""
+    from eardrum.common.decoding import answer_conversations
+    from eardrum.common.generation import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+
+    def describe(waves: list[np.ndarray]) -> list[str]:
+        texts = []
+        for first in range(0, len(waves), batch_size):
+            conversations = [[{"role": "user", "content": [{"type": "audio", "audio": (w, SAMPLING_RATE)},
+                                                           {"type": "text", "text": prompt}]}]
+                             for w in waves[first : first + batch_size]]
+            texts += answer_conversations(model, processor, conversations, settings)
+        return texts
+
+    return describe
+
+
 class AudioLibrary:
     """One library file: its recordings, their windows and the windows' text (see the module)."""
 
