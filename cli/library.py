@@ -78,14 +78,12 @@ def run_index(args: argparse.Namespace) -> int:
 
 def run_library(args: argparse.Namespace) -> int:
     """`eardrum library`: the library's contents, or the windows a search finds."""
-    from eardrum.inference.library import AudioLibrary, LibraryError
+    from eardrum.inference.library import LibraryError, open_library
 
     try:
-        if not Path(args.library).is_file():
-            raise LibraryError(f"{args.library}: no such library file; make one with eardrum index")
         if args.k < 1:
             raise ValueError(f"-k {args.k}: expected a positive number of windows")
-        with AudioLibrary(args.library) as library:
+        with open_library(args.library) as library:
             stats = library.stats()
             hits = library.search(args.search, args.k) if args.search else None
     except (LibraryError, ValueError, OSError) as err:

@@ -26,10 +26,11 @@ import torch
 from eardrum.adapters.audio import SAMPLING_RATE, AudioSource, load_audio
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.placement import Placement, load_placed
-from eardrum.adapters.processor import AudioProcessor
+from eardrum.adapters.processor import AudioProcessor, time_marker
 from eardrum.common.decoding import answer_conversations, generate_tokens
 from eardrum.common.generation import GenerationSettings
 
+from .library import AudioLibrary, Hit, open_library, read_span
 from .streaming import PieceStreamer
 
 __all__ = ["AudioChat", "GenerationSettings", "Recording", "RecordingNotFoundError", "default_recording_name"]
@@ -37,6 +38,9 @@ __all__ = ["AudioChat", "GenerationSettings", "Recording", "RecordingNotFoundErr
 TRANSCRIBE_PROMPT = "Transcribe the audio."
 CAPTION_PROMPT = "Describe the sound."
 RECORDING_INTRO = 'Recording "{name}":'
+LIBRARY_INTRO = 'Recording "{name}" at {time}:'  # a window found in a library: its file and start (time_marker)
+LIBRARY_WINDOWS = 3  # windows a question about a library hears
+NOTHING_FOUND = "Nothing in the library matches this question, so I cannot answer it from the recordings."
 
 
 class RecordingNotFoundError(ValueError):
@@ -74,6 +78,7 @@ class AudioChat:
         self.settings = settings or GenerationSettings()
         self.settings.validate()
         self.name = name  # where the model came from, for reports
+        self.last_sources: list[Hit] = []  # the library windows the last library question heard
         self._recordings: dict[str, Recording] = {}
         self._pending: list[str] = []  # added since the last question
         self._messages: list[dict] = []
@@ -160,7 +165,13 @@ class AudioChat:
 
     # ------------------------------------------------------------------ questions
     def ask(
-        self, text: str, *, recordings: Sequence[str] | None = None, settings: GenerationSettings | None = None
+        self,
+        text: str,
+        *,
+        recordings: Sequence[str] | None = None,
+        settings: GenerationSettings | None = None,
+        library: AudioLibrary | str | os.PathLike | None = None,
+        windows: int = LIBRARY_WINDOWS,
     ) -> str:
         """Answer a question and keep both turns in the history.
 
@@ -168,13 +179,50 @@ class AudioChat:
             text: the question.
             recordings: names of the recordings to attach; None attaches those added since the last question.
             settings: generation settings for this answer only.
+            library: a library of recordings (`eardrum.inference.library`; an `AudioLibrary` or its file) to
+                search instead: the `windows` windows that best match the question (and the earlier
+                questions of the conversation) are heard, each introduced by its file and time; the answer
+                ends with a `Sources:` line naming them, and `last_sources` holds them as `Hit`s. With no
+                window matching, the answer says so and the model is not asked.
 
         Raises:
             RecordingNotFoundError: a name in `recordings` is unknown. The chat is unchanged.
+            LibraryError: `library` is not a library file.
             ValueError: `text` is empty, or the settings are invalid.
         """
+        if library is not None:
+            return self._ask_library(text, library, windows, settings)
         user = self._user_turn(text, recordings)
         answer = self._generate([*self._messages, user], settings)
+        self._commit(user, answer)
+        return answer
+
+    def _ask_library(self, text: str, library, windows: int, settings: GenerationSettings | None) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"question: expected non-empty text, got {text!r}")
+        if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+            raise ValueError(f"windows: expected a positive number of library windows, got {windows!r}")
+        opened = library if isinstance(library, AudioLibrary) else open_library(library)
+        try:
+            # a user turn ends with its question: follow-ups ("and who decided it?") search with the earlier ones
+            earlier = [m["content"][-1]["text"] for m in self._messages
+                       if m["role"] == "user" and isinstance(m["content"], list) and m["content"][-1]["type"] == "text"]
+            hits = opened.search(text, windows) or opened.search(" ".join([*earlier[-2:], text]), windows)
+        finally:
+            if opened is not library:
+                opened.close()
+        self.last_sources = hits
+        content: list[dict] = []
+        for hit in hits:
+            name, time = os.path.basename(hit.path), time_marker(hit.start)
+            content.append({"type": "text", "text": LIBRARY_INTRO.format(name=name, time=time)})
+            content.append({"type": "audio", "audio": (read_span(hit.path, hit.start, hit.end), SAMPLING_RATE)})
+        user = {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+        if not hits:
+            answer = NOTHING_FOUND
+        else:
+            cited = "; ".join(f"{os.path.basename(h.path)} {time_marker(h.start)[1:-1]}" for h in hits)
+            answer = f"{self._generate([*self._messages, user], settings)}\n\nSources: {cited}"
         self._commit(user, answer)
         return answer
 

@@ -132,6 +132,24 @@ def model_describer(model, processor, *, batch_size: int = 8, prompt: str = DESC
     return describe
 
 
+def read_span(path: str | os.PathLike, start: float, end: float) -> np.ndarray:
+    """Seconds [start, end) of an audio file as a 16 kHz float32 wave (only that part is read)."""
+    import soundfile as sf
+
+    with sf.SoundFile(path) as f:
+        f.seek(min(int(start * f.samplerate), f.frames))
+        data = f.read(max(0, int(end * f.samplerate) - f.tell()), dtype="float32", always_2d=True)
+        rate = f.samplerate
+    return load_audio((data, rate), name=f"{path} [{start:g}-{end:g} s]")
+
+
+def open_library(path: str | os.PathLike) -> AudioLibrary:
+    """An existing library (LibraryError naming `path` where there is none: it is never created here)."""
+    if not Path(path).is_file():
+        raise LibraryError(f"{path}: no such library file; make one with eardrum index")
+    return AudioLibrary(path)
+
+
 class AudioLibrary:
     """One library file: its recordings, their windows and the windows' text (see the module)."""
 

@@ -130,3 +130,33 @@ def test_bad_libraries_and_settings_are_named(tmp_path, folder):
 def test_search_terms_quote_each_word_and_drop_stopwords():
     assert search_terms('What did "Maria" say about the budget?') == '"maria" OR "say" OR "budget"'
     assert search_terms("the of") == ""
+
+
+def test_asking_a_library_hears_the_best_windows_and_names_them(tmp_path, folder, monkeypatch):
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+    from eardrum.inference.chat import NOTHING_FOUND, AudioChat, GenerationSettings
+    from eardrum.inference.library import read_span
+
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder], Describer(), describer="test")
+    chat = AudioChat(*build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama")),
+                     settings=GenerationSettings(max_new_tokens=3))
+    answer = chat.ask("What did Maria say about the budget?", library=path, windows=1)
+    assert [(h.path, h.start, h.end) for h in chat.last_sources] == [(str(folder / "meeting.wav"), 30.0, 50.0)]
+    assert answer.endswith("\n\nSources: meeting.wav 00:30")
+    turn = chat.history[-2]["content"]
+    assert [p["type"] for p in turn] == ["text", "audio", "text"] and turn[0]["text"] == (
+        'Recording "meeting.wav" at [00:30]:')
+    heard = turn[1]["audio"][0]
+    assert len(heard) == 20 * SR and np.array_equal(heard, read_span(folder / "meeting.wav", 30, 50))
+    chat.ask("And who else agreed then?", library=path, windows=1)  # no word of its own in the library
+    assert chat.last_sources[0].path == str(folder / "meeting.wav")  # found through the earlier question
+    monkeypatch.setattr(chat, "_generate", lambda *a: pytest.fail("the model is not asked without a match"))
+    fresh = AudioChat(chat.model, chat.processor)
+    monkeypatch.setattr(fresh, "_generate", lambda *a: pytest.fail("the model is not asked without a match"))
+    assert fresh.ask("Is there a violin?", library=path) == NOTHING_FOUND and fresh.last_sources == []
+    with pytest.raises(LibraryError, match="no such library file"):
+        fresh.ask("anything?", library=tmp_path / "none.sqlite")
+    assert not (tmp_path / "none.sqlite").exists()
