@@ -40,6 +40,10 @@ def add_chat_parsers(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument(
         "--audio", action="append", default=[], metavar="[NAME=]FILE", help="a recording (repeat for more)"
     )
+    common.add_argument(
+        "--library", metavar="LIB", help="answer from a library of recordings (eardrum index): each question hears "
+        "the windows a search finds, and the answer names them"
+    )
     add_generation_options(common)
     add_placement_options(common)
 
@@ -130,10 +134,11 @@ def run_ask(args: argparse.Namespace) -> int:
             raise ValueError(f"--use {', '.join(map(repr, unknown))}: no such recording; recordings: {known}")
         settings = generation_settings(args)
         settings.validate()
+        _check_library(args)
         start = time.perf_counter()
         chat = _load_chat(args, settings, recordings)
         loaded = time.perf_counter()
-        answer = chat.ask(question, recordings=args.use)
+        answer = chat.ask(question, recordings=args.use, library=args.library)
     except (ValueError, OSError) as err:
         return _fail("ask", err)
     if args.json:
@@ -145,6 +150,8 @@ def run_ask(args: argparse.Namespace) -> int:
             "seconds": round(time.perf_counter() - loaded, 3),
             "load_seconds": round(loaded - start, 3),
         }
+        if args.library:
+            report["sources"] = [{"path": h.path, "start": h.start, "end": h.end} for h in chat.last_sources]
         print(json.dumps(report, ensure_ascii=False))
     else:
         print(answer)
@@ -157,16 +164,28 @@ def run_chat(args: argparse.Namespace) -> int:
         recordings = _read_recordings(args.audio)
         settings = generation_settings(args)
         settings.validate()
+        _check_library(args)
         chat = _load_chat(args, settings, recordings)
     except (ValueError, OSError) as err:
         return _fail("chat", err)
     added = ", ".join(f"{r['name']} ({r['seconds']:.1f} s)" for r in recordings) or "no recordings yet"
+    if args.library:
+        added = f"the library {args.library}"
     print(f"chatting with {args.model}: {added}. Ask a question, or /help.", flush=True)
-    return chat_loop(chat, input)
+    return chat_loop(chat, input, library=args.library)
 
 
-def chat_loop(chat, read: Callable[[str], str]) -> int:
-    """Read lines with `read(prompt)` until /quit, end of input or Ctrl-C; returns the exit code 0."""
+def _check_library(args: argparse.Namespace) -> None:
+    """A --library that is not a library file is named before the model loads."""
+    if args.library:
+        from eardrum.inference.library import open_library
+
+        open_library(args.library).close()
+
+
+def chat_loop(chat, read: Callable[[str], str], library: str | None = None) -> int:
+    """Read lines with `read(prompt)` until /quit, end of input or Ctrl-C; returns the exit code 0. With a
+    `library`, each question is answered from it (whole, with its sources) instead of streamed."""
     while True:
         try:
             line = read("you> ").strip()
@@ -179,6 +198,8 @@ def chat_loop(chat, read: Callable[[str], str]) -> int:
             if line.startswith("/"):
                 if not _command(chat, line):
                     return 0
+            elif library:
+                print(f"assistant> {chat.ask(line, library=library)}", flush=True)
             else:
                 _answer(chat, line)
         except KeyboardInterrupt:

@@ -16,6 +16,7 @@ other entry point uses too; the model is loaded and placed by `eardrum.adapters.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ RECORDING_INTRO = 'Recording "{name}":'
 LIBRARY_INTRO = 'Recording "{name}" at {time}:'  # a window found in a library: its file and start (time_marker)
 LIBRARY_WINDOWS = 3  # windows a question about a library hears
 NOTHING_FOUND = "Nothing in the library matches this question, so I cannot answer it from the recordings."
+
+
+FOLLOW_UP_WORDS = frozenset("it its that this these those they them their he him his she her and also".split())
+
+
+def is_follow_up(question: str) -> bool:
+    """Whether a question leans on the conversation before it ("And who decided it?"): it starts with "and" or
+    "also", or refers back with a pronoun such as it, that, they, she."""
+    words = re.findall(r"[\w']+", question.lower())
+    return bool(words) and (words[0] in ("and", "also") or any(w in FOLLOW_UP_WORDS for w in words))
 
 
 class RecordingNotFoundError(ValueError):
@@ -180,8 +191,9 @@ class AudioChat:
             recordings: names of the recordings to attach; None attaches those added since the last question.
             settings: generation settings for this answer only.
             library: a library of recordings (`eardrum.inference.library`; an `AudioLibrary` or its file) to
-                search instead: the `windows` windows that best match the question (and the earlier
-                questions of the conversation) are heard, each introduced by its file and time; the answer
+                search instead: the `windows` windows that best match the question (a follow-up whose own
+                words find nothing, `is_follow_up`, is searched with the two questions before it) are heard,
+                each introduced by its file and time; the answer
                 ends with a `Sources:` line naming them, and `last_sources` holds them as `Hit`s. With no
                 window matching, the answer says so and the model is not asked.
 
@@ -207,7 +219,9 @@ class AudioChat:
             # a user turn ends with its question: follow-ups ("and who decided it?") search with the earlier ones
             earlier = [m["content"][-1]["text"] for m in self._messages
                        if m["role"] == "user" and isinstance(m["content"], list) and m["content"][-1]["type"] == "text"]
-            hits = opened.search(text, windows) or opened.search(" ".join([*earlier[-2:], text]), windows)
+            hits = opened.search(text, windows)
+            if not hits and earlier and is_follow_up(text):
+                hits = opened.search(" ".join([*earlier[-2:], text]), windows)
         finally:
             if opened is not library:
                 opened.close()

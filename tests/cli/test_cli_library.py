@@ -66,3 +66,27 @@ def test_user_errors_are_one_line_and_exit_2(files, capsys, args, message):
     code = cli.main([a.format(root=files["root"], model=files["model"]) for a in args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_ask_and_chat_answer_from_a_library_naming_the_sources(files, capsys, monkeypatch):
+    import io
+
+    lib = files["root"] / "ask.sqlite"
+    assert cli.main(["index", str(files["recordings"] / "b.wav"), "--model", str(files["model"]), "--library",
+                     str(lib), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    with AudioLibrary(lib) as library:
+        word = search_terms(library.windows(files["recordings"] / "b.wav")[0][2]).split(" OR ")[0].strip('"')
+    code = cli.main(["ask", "--model", str(files["model"]), "--library", str(lib), "--json", "--max-new-tokens", "2",
+                     "--device", "cpu", f"what about {word}?"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["sources"] == [{"path": str(files["recordings"] / "b.wav"), "start": 0.0,
+                                                "end": 1.0}]
+    assert report["answer"].endswith("Sources: b.wav 00:00")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"what about {word}?\nis there a violin?\n"))
+    assert cli.main(["chat", "--model", str(files["model"]), "--library", str(lib), "--max-new-tokens", "2",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Sources: b.wav 00:00" in out and "Nothing in the library matches this question" in out
+    assert cli.main(["ask", "--model", str(files["model"]), "--library", str(files["root"] / "no.sqlite"), "hi"]) == 2
+    assert "no.sqlite: no such library file" in capsys.readouterr().err
