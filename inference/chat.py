@@ -16,7 +16,6 @@ other entry point uses too; the model is loaded and placed by `eardrum.adapters.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ import torch
 from eardrum.adapters.audio import SAMPLING_RATE, AudioSource, load_audio
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.placement import Placement, load_placed
-from eardrum.adapters.processor import AudioProcessor, time_marker
+from eardrum.adapters.processor import AudioProcessor
 from eardrum.common.decoding import answer_conversations, generate_tokens
 from eardrum.common.generation import GenerationSettings
 
-from .library import AudioLibrary, Hit, open_library, read_span
+from .library import LIBRARY_WINDOWS, NOTHING_FOUND, AudioLibrary, Hit, find_windows, sources_line, window_parts
 from .streaming import PieceStreamer
 
 __all__ = ["AudioChat", "GenerationSettings", "Recording", "RecordingNotFoundError", "default_recording_name"]
@@ -39,19 +38,6 @@ __all__ = ["AudioChat", "GenerationSettings", "Recording", "RecordingNotFoundErr
 TRANSCRIBE_PROMPT = "Transcribe the audio."
 CAPTION_PROMPT = "Describe the sound."
 RECORDING_INTRO = 'Recording "{name}":'
-LIBRARY_INTRO = 'Recording "{name}" at {time}:'  # a window found in a library: its file and start (time_marker)
-LIBRARY_WINDOWS = 3  # windows a question about a library hears
-NOTHING_FOUND = "Nothing in the library matches this question, so I cannot answer it from the recordings."
-
-
-FOLLOW_UP_WORDS = frozenset("it its that this these those they them their he him his she her and also".split())
-
-
-def is_follow_up(question: str) -> bool:
-    """Whether a question leans on the conversation before it ("And who decided it?"): it starts with "and" or
-    "also", or refers back with a pronoun such as it, that, they, she."""
-    words = re.findall(r"[\w']+", question.lower())
-    return bool(words) and (words[0] in ("and", "also") or any(w in FOLLOW_UP_WORDS for w in words))
 
 
 class RecordingNotFoundError(ValueError):
@@ -191,9 +177,9 @@ class AudioChat:
             recordings: names of the recordings to attach; None attaches those added since the last question.
             settings: generation settings for this answer only.
             library: a library of recordings (`eardrum.inference.library`; an `AudioLibrary` or its file) to
-                search instead: the `windows` windows that best match the question (a follow-up whose own
-                words find nothing, `is_follow_up`, is searched with the two questions before it) are heard,
-                each introduced by its file and time; the answer
+                search instead: the `windows` windows that best match the question (`library.find_windows`;
+                a follow-up is searched with the questions before it) are heard, each introduced by its file
+                and time; the answer
                 ends with a `Sources:` line naming them, and `last_sources` holds them as `Hit`s. With no
                 window matching, the answer says so and the model is not asked.
 
@@ -212,31 +198,13 @@ class AudioChat:
     def _ask_library(self, text: str, library, windows: int, settings: GenerationSettings | None) -> str:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"question: expected non-empty text, got {text!r}")
-        if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
-            raise ValueError(f"windows: expected a positive number of library windows, got {windows!r}")
-        opened = library if isinstance(library, AudioLibrary) else open_library(library)
-        try:
-            # a user turn ends with its question: follow-ups ("and who decided it?") search with the earlier ones
-            earlier = [m["content"][-1]["text"] for m in self._messages
-                       if m["role"] == "user" and isinstance(m["content"], list) and m["content"][-1]["type"] == "text"]
-            hits = opened.search(text, windows)
-            if not hits and earlier and is_follow_up(text):
-                hits = opened.search(" ".join([*earlier[-2:], text]), windows)
-        finally:
-            if opened is not library:
-                opened.close()
+        # a user turn ends with its question: follow-ups ("and who decided it?") search with the earlier ones
+        earlier = [m["content"][-1]["text"] for m in self._messages
+                   if m["role"] == "user" and isinstance(m["content"], list) and m["content"][-1]["type"] == "text"]
+        hits = find_windows(library, text, earlier, windows)
         self.last_sources = hits
-        content: list[dict] = []
-        for hit in hits:
-            name, time = os.path.basename(hit.path), time_marker(hit.start)
-            content.append({"type": "text", "text": LIBRARY_INTRO.format(name=name, time=time)})
-            content.append({"type": "audio", "audio": (read_span(hit.path, hit.start, hit.end), SAMPLING_RATE)})
-        user = {"role": "user", "content": [*content, {"type": "text", "text": text}]}
-        if not hits:
-            answer = NOTHING_FOUND
-        else:
-            cited = "; ".join(f"{os.path.basename(h.path)} {time_marker(h.start)[1:-1]}" for h in hits)
-            answer = f"{self._generate([*self._messages, user], settings)}\n\nSources: {cited}"
+        user = {"role": "user", "content": [*window_parts(hits), {"type": "text", "text": text}]}
+        answer = f"{self._generate([*self._messages, user], settings)}{sources_line(hits)}" if hits else NOTHING_FOUND
         self._commit(user, answer)
         return answer
 

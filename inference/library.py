@@ -132,6 +132,57 @@ def model_describer(model, processor, *, batch_size: int = 8, prompt: str = DESC
     return describe
 
 
+LIBRARY_WINDOWS = 3  # windows a question about a library hears
+LIBRARY_INTRO = 'Recording "{name}" at {time}:'  # a window found in a library: its file and start (time_marker)
+NOTHING_FOUND = "Nothing in the library matches this question, so I cannot answer it from the recordings."
+FOLLOW_UP_WORDS = frozenset("it its that this these those they them their he him his she her and also".split())
+
+
+def is_follow_up(question: str) -> bool:
+    """Whether a question leans on the conversation before it ("And who decided it?"): it starts with "and" or
+    "also", or refers back with a pronoun such as it, that, they, she."""
+    words = re.findall(r"[\w']+", question.lower())
+    return bool(words) and (words[0] in ("and", "also") or any(w in FOLLOW_UP_WORDS for w in words))
+
+
+def find_windows(library: AudioLibrary | str | os.PathLike, question: str, earlier: Sequence[str] = (),
+                 k: int = LIBRARY_WINDOWS) -> list[Hit]:
+    """The `k` windows of `library` (an open library or its file) that best match `question`; a follow-up
+    (`is_follow_up`) whose own words find nothing is searched with the last two `earlier` questions."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"windows: expected a positive number of library windows, got {k!r}")
+    opened = library if isinstance(library, AudioLibrary) else open_library(library)
+    try:
+        hits = opened.search(question, k)
+        if not hits and earlier and is_follow_up(question):
+            hits = opened.search(" ".join([*earlier[-2:], question]), k)
+        return hits
+    finally:
+        if opened is not library:
+            opened.close()
+
+
+def window_parts(hits: Sequence[Hit]) -> list[dict]:
+    """Content parts that let the model hear each window: its intro (file name and [mm:ss]) and its audio."""
+    from eardrum.adapters.processor import time_marker
+
+    parts: list[dict] = []
+    for hit in hits:
+        intro = LIBRARY_INTRO.format(name=Path(hit.path).name, time=time_marker(hit.start))
+        parts += [{"type": "text", "text": intro},
+                  {"type": "audio", "audio": (read_span(hit.path, hit.start, hit.end), SAMPLING_RATE)}]
+    return parts
+
+
+def sources_line(hits: Sequence[Hit]) -> str:
+    """What an answer from a library ends with: "\n\nSources: meeting.wav 12:40; ..." ("" for no hits)."""
+    from eardrum.adapters.processor import time_marker
+
+    if not hits:
+        return ""
+    return "\n\nSources: " + "; ".join(f"{Path(h.path).name} {time_marker(h.start)[1:-1]}" for h in hits)
+
+
 def read_span(path: str | os.PathLike, start: float, end: float) -> np.ndarray:
     """Seconds [start, end) of an audio file as a 16 kHz float32 wave (only that part is read)."""
     import soundfile as sf

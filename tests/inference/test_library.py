@@ -163,7 +163,7 @@ def test_asking_a_library_hears_the_best_windows_and_names_them(tmp_path, folder
 
 
 def test_follow_ups_are_told_from_fresh_questions():
-    from eardrum.inference.chat import is_follow_up
+    from eardrum.inference.library import is_follow_up
 
     assert is_follow_up("And who decided it?") and is_follow_up("What did she say next?")
     assert not is_follow_up("Is there a violin?") and not is_follow_up("Who approved the budget?")
