@@ -113,6 +113,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "(default: none, no CORS headers)",
     )
     serve.add_argument(
+        "--library",
+        metavar="LIB",
+        help='a library of recordings (eardrum index); requests with "library": true are answered from its '
+        "windows, with their sources",
+    )
+    serve.add_argument(
         "--max-connections",
         type=_positive(int),
         default=default("max_connections"),
@@ -181,11 +187,16 @@ def run_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         api_key=args.api_key,
         cors_origins=tuple(args.cors_origin),
+        library=args.library,
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
     )
     settings.validate()  # a bad --cors-origin or empty --api-key is named before the port is taken
+    if settings.library is not None:
+        from eardrum.inference.library import open_library
+
+        open_library(settings.library).close()  # a --library that is not one is named before the model loads
     sock = listen(args.host, args.port)
     from eardrum.inference.server import serve
 

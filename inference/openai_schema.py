@@ -114,6 +114,7 @@ class ChatRequest:
     options: SamplingOptions
     stream: bool
     include_usage: bool
+    library: bool = False  # eardrum's own field: answer from the server's library (`serve --library`)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -142,6 +143,10 @@ def parse_chat_request(body: dict[str, Any], *, max_new_tokens: int) -> ChatRequ
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad_request(f"stream: expected true or false, got {stream!r:.60}", "stream")
+    library = body.get("library")
+    if library is not None and not isinstance(library, bool):
+        raise bad_request(f"library: expected true (answer from the server's library) or false, got {library!r:.60}",
+                          "library")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad_request("stream_options: expected an object such as {'include_usage': true}", "stream_options")
@@ -151,6 +156,7 @@ def parse_chat_request(body: dict[str, Any], *, max_new_tokens: int) -> ChatRequ
         options=_parse_options(body, max_new_tokens),
         stream=bool(stream),
         include_usage=bool(stream_options.get("include_usage")),
+        library=bool(library),
     )
 
 

@@ -50,8 +50,9 @@ from eardrum.adapters.audio import SAMPLING_RATE, AudioError, AudioTooLongError,
 from eardrum.adapters.placement import Placement, load_placed
 from eardrum.adapters.processor import AudioProcessor, ConversationError
 
-from .batch_engine import GenerationEngine, Job
+from .batch_engine import Finished, GenerationEngine, Job
 from .connections import guarded_protocol, limit_log_floods
+from .library import NOTHING_FOUND, Hit, LibraryError, find_windows, sources_line, window_parts
 from .openai_schema import (
     APIError,
     AudioClip,
@@ -151,7 +152,8 @@ class RequestReader:
         self.max_prompt_tokens = min(limits) if limits else None
         self._lock = threading.Lock()  # the copy is shared by the pool threads
 
-    def __call__(self, raw: bytes) -> tuple[ChatRequest, list[dict], int]:
+    def __call__(self, raw: bytes) -> tuple[ChatRequest, list[dict], int, list[Hit]]:
+        """(request, conversation with decoded audio, prompt tokens, library windows heard)."""
         chat = parse_chat_request(parse_json(raw), max_new_tokens=self.settings.max_new_tokens)
         if chat.model != self.settings.model_name:
             raise APIError(
@@ -161,6 +163,7 @@ class RequestReader:
                 code="model_not_found",
             )
         conversation = decode_request_audio(chat.messages, self.settings.max_audio_seconds)
+        hits = self._library_windows(conversation) if chat.library else []
         tokens = self._prompt_tokens(conversation)
         if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
             raise APIError(
@@ -170,7 +173,34 @@ class RequestReader:
                 param="messages",
                 code="context_length_exceeded",
             )
-        return chat, conversation, tokens
+        return chat, conversation, tokens, hits
+
+    def _library_windows(self, conversation: list[dict]) -> list[Hit]:
+        """Search the library with the last user message's question (a follow-up with the ones before it) and
+        put the windows found, each with its intro, before that question; returns them."""
+        if self.settings.library is None:
+            raise bad_request("library: this server has no library; start it with eardrum serve --library LIB",
+                              "library", code="no_library")
+        asked = [m for m in conversation if m["role"] == "user"]
+
+        def question(message: dict) -> str | None:
+            content = message["content"]
+            if isinstance(content, str):
+                return content
+            return content[-1]["text"] if content and content[-1]["type"] == "text" else None
+
+        last = question(asked[-1]) if asked else None
+        if not last or not last.strip():
+            raise bad_request("messages: a library question needs a last user message that ends in text", "messages")
+        earlier = [q for q in map(question, asked[:-1]) if q]
+        try:
+            hits = find_windows(self.settings.library, last, earlier)
+        except LibraryError as err:
+            raise APIError(500, f"the server's library cannot be read: {err}", type="server_error") from err
+        content = asked[-1]["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        asked[-1]["content"] = [*parts[:-1], *window_parts(hits), parts[-1]]
+        return hits
 
     def _prompt_tokens(self, conversation: list[dict]) -> int:
         with self._lock:
@@ -191,9 +221,21 @@ class _Reply:
     created: int
     model: str
     prompt_tokens: int
+    sources: list[Hit] | None = None  # a library question: the windows heard (cited at the end of the answer)
 
     def chunk(self, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
-        return sse(chunk_body(self.id, self.created, self.model, delta, finish_reason, usage))
+        body = chunk_body(self.id, self.created, self.model, delta, finish_reason, usage)
+        if finish_reason is not None and self.sources is not None:
+            body["sources"] = self.source_list()
+        return sse(body)
+
+    def source_list(self) -> list[dict]:
+        """The windows heard, as {"path", "start", "end"} (seconds)."""
+        return [{"path": h.path, "start": h.start, "end": h.end} for h in self.sources or []]
+
+    def cited(self, text: str) -> str:
+        """`text` ending with the Sources line of the windows heard (unchanged without any)."""
+        return f"{text}{sources_line(self.sources)}" if self.sources else text
 
 
 async def _stream(job: Job, reply: _Reply, include_usage: bool):
@@ -207,6 +249,8 @@ async def _stream(job: Job, reply: _Reply, include_usage: bool):
                 yield sse(event.body())
                 return
             else:
+                if reply.sources:
+                    yield reply.chunk({"content": sources_line(reply.sources)})
                 yield reply.chunk({}, event.finish_reason)
                 if include_usage:
                     yield reply.chunk(None, usage=usage_body(reply.prompt_tokens, event.completion_tokens))
@@ -225,7 +269,10 @@ async def _complete(job: Job, reply: _Reply) -> dict:
     if isinstance(event, APIError):
         raise event
     usage = usage_body(reply.prompt_tokens, event.completion_tokens)
-    return completion_body(reply.id, reply.created, reply.model, event.text, event.finish_reason, usage)
+    body = completion_body(reply.id, reply.created, reply.model, reply.cited(event.text), event.finish_reason, usage)
+    if reply.sources is not None:
+        body["sources"] = reply.source_list()
+    return body
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -304,10 +351,14 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
             peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
             logger.info("%s disconnected while sending its request body; nothing was run", peer)
             return Response(status_code=400)
-        chat, conversation, prompt_tokens = await run_in_threadpool(reader, raw)
+        chat, conversation, prompt_tokens, hits = await run_in_threadpool(reader, raw)
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), settings.model_name, prompt_tokens,
+                       hits if chat.library else None)
         job = Job(conversation, chat.options, chat.stream, asyncio.get_running_loop())
-        engine.submit(job)
-        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), settings.model_name, prompt_tokens)
+        if chat.library and not hits:  # nothing in the library matches: said so, no generation
+            job.emit(Finished(NOTHING_FOUND, "stop", 0))
+        else:
+            engine.submit(job)
         if chat.stream:
             stream = _stream(job, reply, chat.include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -19,6 +19,7 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # longer prompts (audio tokens included) get 400; None: the LLM's context
     api_key: str | None = None  # set: every /v1 request needs `Authorization: Bearer <api_key>` (else 401)
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the API from a browser; none: no CORS headers
+    library: str | None = None  # a library file (eardrum index): requests with "library": true are answered from it
     max_connections: int = 256  # open connections; one more is answered 503 server_busy and closed at once
     header_timeout_s: float = 10.0  # a connection without a whole request head this long after it opens: closed
     body_timeout_s: float = 120.0  # a request body not all received this long after its head: 408 request_timeout

@@ -6,22 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
-from eardrum.cli.serve import listen
-from eardrum.inference.connections import FLOODED_LOGGERS, RateLimitedLog
+from eardrum.inference.connections import RateLimitedLog
 from eardrum.inference.server import ServerSettings, create_app, server_config
-
-HOST = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -29,29 +24,20 @@ def built():
     return build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
 
 
-@contextmanager
-def guarded_server(built, **limits) -> Iterator[tuple[str, int]]:
-    """`eardrum serve`'s uvicorn settings (server_config) for a tiny model, from a thread; yields (host, port).
-    The log filters it installs are removed afterwards, so other tests see every line."""
-    settings = ServerSettings(model_name="tiny", max_new_tokens=2, **limits)
-    sock = listen(HOST, 0)
-    server = uvicorn.Server(server_config(create_app(*built, settings), settings, "warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        yield HOST, sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        for name in FLOODED_LOGGERS:
-            log = logging.getLogger(name)
-            for f in [f for f in log.filters if isinstance(f, RateLimitedLog)]:
-                log.removeFilter(f)
+@pytest.fixture
+def guarded_server(built, serve_in_thread):
+    """`with guarded_server(**limits) as (host, port)`: eardrum serve's uvicorn settings (server_config) for a
+    tiny model, from a thread."""
+
+    @contextmanager
+    def serve(**limits) -> Iterator[tuple[str, int]]:
+        settings = ServerSettings(model_name="tiny", max_new_tokens=2, **limits)
+        app = create_app(*built, settings)
+        with serve_in_thread(app, server_config(app, settings, "warning")) as base:
+            host, port = base.removeprefix("http://").split(":")
+            yield host, int(port)
+
+    return serve
 
 
 def _read_all(sock: socket.socket, seconds: float) -> tuple[bytes, float]:
@@ -66,8 +52,8 @@ def _read_all(sock: socket.socket, seconds: float) -> tuple[bytes, float]:
     return data, time.monotonic() - start
 
 
-def test_a_connection_without_a_whole_request_head_is_closed_at_the_header_deadline(built):
-    with guarded_server(built, header_timeout_s=0.5) as (host, port):
+def test_a_connection_without_a_whole_request_head_is_closed_at_the_header_deadline(guarded_server):
+    with guarded_server(header_timeout_s=0.5) as (host, port):
         with socket.create_connection((host, port)) as slow:
             slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
             data, waited = _read_all(slow, 10)
@@ -81,8 +67,8 @@ def test_a_connection_without_a_whole_request_head_is_closed_at_the_header_deadl
             assert client.get("/health").status_code == 200  # a keep-alive connection well used is kept
 
 
-def test_a_body_not_all_received_by_its_deadline_gets_408_request_timeout(built):
-    with guarded_server(built, body_timeout_s=0.5) as (host, port):
+def test_a_body_not_all_received_by_its_deadline_gets_408_request_timeout(guarded_server):
+    with guarded_server(body_timeout_s=0.5) as (host, port):
         with socket.create_connection((host, port)) as slow:
             slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n" + b'{"model": "tiny", ')
@@ -95,8 +81,8 @@ def test_a_body_not_all_received_by_its_deadline_gets_408_request_timeout(built)
         assert httpx.get(f"http://{host}:{port}/health", timeout=10).status_code == 200
 
 
-def test_a_connection_over_the_cap_gets_503_at_once_and_the_server_recovers(built):
-    with guarded_server(built, max_connections=3, header_timeout_s=30) as (host, port), ExitStack() as held:
+def test_a_connection_over_the_cap_gets_503_at_once_and_the_server_recovers(guarded_server):
+    with guarded_server(max_connections=3, header_timeout_s=30) as (host, port), ExitStack() as held:
         hogs = [held.enter_context(socket.create_connection((host, port))) for _ in range(3)]
         time.sleep(0.2)
         with socket.create_connection((host, port)) as extra:
@@ -110,8 +96,8 @@ def test_a_connection_over_the_cap_gets_503_at_once_and_the_server_recovers(buil
         assert httpx.get(f"http://{host}:{port}/health", timeout=10).status_code == 200
 
 
-def test_a_storm_of_slow_connections_writes_a_line_not_a_flood(built, caplog):
-    with caplog.at_level(logging.WARNING), guarded_server(built, header_timeout_s=0.3) as (host, port):
+def test_a_storm_of_slow_connections_writes_a_line_not_a_flood(guarded_server, caplog):
+    with caplog.at_level(logging.WARNING), guarded_server(header_timeout_s=0.3) as (host, port):
         with ExitStack() as held:
             for _ in range(40):
                 held.enter_context(socket.create_connection((host, port))).sendall(b"GET /health HTTP/1.1\r\n")
@@ -139,7 +125,7 @@ def test_rate_limited_log_passes_each_kind_once_per_interval_and_counts_the_rest
     assert not limiter.filter(record("socket.accept() out of system resource"))
 
 
-def test_connection_settings_are_checked(built):
+def test_connection_settings_are_checked():
     for name in ("max_connections", "header_timeout_s", "body_timeout_s"):
         with pytest.raises(ValueError, match=name):
             ServerSettings(model_name="tiny", **{name: 0}).validate()

@@ -167,3 +167,47 @@ def test_follow_ups_are_told_from_fresh_questions():
 
     assert is_follow_up("And who decided it?") and is_follow_up("What did she say next?")
     assert not is_follow_up("Is there a violin?") and not is_follow_up("Who approved the budget?")
+
+
+def test_the_server_answers_library_requests_from_its_windows_with_sources(tmp_path, folder, serve_in_thread):
+    import json as jsonlib
+
+    import httpx
+
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+    from eardrum.inference.library import NOTHING_FOUND
+    from eardrum.inference.server import ServerSettings, create_app
+
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder], Describer(), describer="test")
+    built = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
+
+    def ask(base: str, question: str, **extra) -> httpx.Response:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 2, **extra}
+        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+
+    settings = ServerSettings(model_name="tiny", max_new_tokens=2, library=str(path))
+    with serve_in_thread(create_app(*built, settings)) as base:
+        reply = ask(base, "What did Maria say about the budget?", library=True).json()
+        assert reply["sources"][0] == {"path": str(folder / "meeting.wav"), "start": 30.0, "end": 50.0}
+        assert "\n\nSources: meeting.wav 00:30" in reply["choices"][0]["message"]["content"]
+        assert reply["usage"]["prompt_tokens"] > 3 * 20 * 6  # the windows' audio tokens are in the prompt
+        none = ask(base, "Is there a violin?", library=True).json()
+        assert none["choices"][0]["message"]["content"] == NOTHING_FOUND and none["sources"] == []
+        plain = ask(base, "What did Maria say about the budget?").json()
+        assert "sources" not in plain and "Sources:" not in plain["choices"][0]["message"]["content"]
+        with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": [{"role": "user", "content": "the dog?"}], "max_tokens": 2,
+                "stream": True, "library": True}) as streamed:
+            events = [jsonlib.loads(line[6:]) for line in streamed.iter_lines()
+                      if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        assert text.endswith("\n\nSources: street.wav 00:00")
+        assert events[-1]["sources"][0]["path"] == str(folder / "street.wav")
+        assert ask(base, "budget?", library="yes").status_code == 400
+    without = ServerSettings(model_name="tiny", max_new_tokens=2)
+    with serve_in_thread(create_app(*built, without)) as base:
+        refused = ask(base, "budget?", library=True)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_library"

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -343,26 +342,7 @@ def test_still_serves_after_the_bad_requests(client, direct):
     assert reply.choices[0].message.content == direct(wav)[0]
 
 
-@contextmanager
-def _in_process_server(app) -> Iterator[str]:
-    """Serve `app` from a thread of this process on a free loopback port."""
-    sock = listen(HOST, 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        yield f"http://{HOST}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
-def test_model_failure_is_a_500_and_the_next_request_works(direct):
+def test_model_failure_is_a_500_and_the_next_request_works(direct, serve_in_thread):
     class FailsOnce:
         def __init__(self, model) -> None:
             self.model, self.failed = model, False
@@ -378,7 +358,7 @@ def test_model_failure_is_a_500_and_the_next_request_works(direct):
 
     app = create_app(FailsOnce(direct.model), direct.processor, ServerSettings(model_name=MODEL, max_new_tokens=12))
     body = {"model": MODEL, "messages": _messages(_clip(4)), "temperature": 0}
-    with _in_process_server(app) as base:
+    with serve_in_thread(app) as base:
         error = _error(_post(base, body), 500)
         assert error["type"] == "server_error" and "out of memory" not in error["message"]
         ok = _post(base, body)
@@ -411,24 +391,24 @@ def test_the_body_must_be_declared_json(server):
     assert ok.status_code == 200
 
 
-def test_no_cors_headers_unless_an_origin_is_named(server, direct):
+def test_no_cors_headers_unless_an_origin_is_named(server, direct, serve_in_thread):
     page = {"origin": "https://evil.example"}
     assert "access-control-allow-origin" not in httpx.get(f"{server}/v1/models", headers=page).headers
     preflight = httpx.options(f"{server}/v1/chat/completions", headers={
         **page, "access-control-request-method": "POST", "access-control-request-headers": "content-type"})
     assert "access-control-allow-origin" not in preflight.headers
     settings = ServerSettings(model_name=MODEL, max_new_tokens=4, cors_origins=("https://app.example",))
-    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+    with serve_in_thread(create_app(direct.model, direct.processor, settings)) as base:
         allowed = httpx.get(f"{base}/v1/models", headers={"origin": "https://app.example"})
         other = httpx.get(f"{base}/v1/models", headers=page)
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_an_api_key_is_required_when_set(direct):
+def test_an_api_key_is_required_when_set(direct, serve_in_thread):
     settings = ServerSettings(model_name=MODEL, max_new_tokens=4, api_key="s3cret")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+    with serve_in_thread(create_app(direct.model, direct.processor, settings)) as base:
         url = f"{base}/v1/chat/completions"
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
             error = _error(httpx.post(url, json=body, headers=headers, timeout=TIMEOUT), 401)
@@ -449,9 +429,9 @@ def test_bad_cors_origin_or_empty_key_is_a_one_line_error(tmp_path, option, name
     assert named in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_client_leaving_during_its_upload_is_one_log_line(direct, caplog):
+def test_a_client_leaving_during_its_upload_is_one_log_line(direct, caplog, serve_in_thread):
     app = create_app(direct.model, direct.processor, ServerSettings(model_name=MODEL, max_new_tokens=4))
-    with caplog.at_level(logging.INFO), _in_process_server(app) as base:
+    with caplog.at_level(logging.INFO), serve_in_thread(app) as base:
         host, port = base.removeprefix("http://").split(":")
         for _ in range(3):
             with socket.create_connection((host, int(port))) as sock:
@@ -465,14 +445,14 @@ def test_a_client_leaving_during_its_upload_is_one_log_line(direct, caplog):
     assert "Traceback" not in caplog.text
 
 
-def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(direct, monkeypatch):
+def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(direct, monkeypatch, serve_in_thread):
     context = direct.model.llm.config.max_position_embeddings
     long_text = "hello " * (context + 10)
     calls = []
     real = direct.model.generate
     monkeypatch.setattr(direct.model, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     settings = ServerSettings(model_name=MODEL, max_new_tokens=2, max_prompt_tokens=30)
-    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+    with serve_in_thread(create_app(direct.model, direct.processor, settings)) as base:
         url = f"{base}/v1/chat/completions"
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 40}], "max_tokens": 2}
         error = _error(httpx.post(url, json=body, timeout=TIMEOUT), 400)
@@ -482,7 +462,7 @@ def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(d
         short = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert httpx.post(url, json=short, timeout=TIMEOUT).status_code == 200
     settings = ServerSettings(model_name=MODEL, max_new_tokens=2)  # no flag: the LLM's own context
-    with _in_process_server(create_app(direct.model, direct.processor, settings)) as base:
+    with serve_in_thread(create_app(direct.model, direct.processor, settings)) as base:
         body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 2}
         error = _error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=TIMEOUT), 400)
         assert f"at most {context - 1} tokens" in error["message"]
