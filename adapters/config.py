@@ -40,6 +40,7 @@ class AudioLLMConfig:
     label_mode: str = "all_assistant"  # which tokens carry loss; see LABEL_MODES
     trust_remote_code: bool = False
     transcript_hint: bool = False  # Whisper only: its decoder's transcript follows each window's tokens (transcribe.py)
+    transcript_language: str | None = None  # the hint's language for a multilingual Whisper ("en"); None: detected
 
     def __post_init__(self) -> None:
         if isinstance(self.projector, dict):
@@ -65,6 +66,10 @@ class AudioLLMConfig:
         for name in ("pad_to_30s", "time_markers", "trust_remote_code", "transcript_hint"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        language = self.transcript_language
+        if language is not None and not (isinstance(language, str) and language.strip() and self.transcript_hint):
+            out.append(f"transcript_language: expected a language such as 'en' for the transcript hints (with "
+                       f"transcript_hint: true), or null, got {language!r}")
         if self.label_mode not in LABEL_MODES:
             out.append(f"label_mode: expected one of {', '.join(LABEL_MODES)}, got {self.label_mode!r}")
         try:

@@ -58,7 +58,7 @@ class WhisperTranscriber(nn.Module):
     """
 
     def __init__(self, whisper: nn.Module, feature_extractor, tokenizer, max_new_tokens: int = HINT_MAX_TOKENS,
-                 batch_size: int = HINT_BATCH_SIZE) -> None:
+                 batch_size: int = HINT_BATCH_SIZE, language: str | None = None) -> None:
         super().__init__()
         if not hasattr(whisper, "generate") or not hasattr(whisper, "get_decoder"):
             raise TranscriberError(
@@ -73,6 +73,12 @@ class WhisperTranscriber(nn.Module):
         # Whisper's decoder holds max_target_positions tokens, its prompt included (4 at most)
         self.max_new_tokens = min(max_new_tokens, whisper.config.max_target_positions - 4)
         self.batch_size = batch_size
+        # A multilingual Whisper transcribes in `language` (None: the language it detects per window); an
+        # English-only one has nothing to choose.
+        multilingual = bool(getattr(whisper.generation_config, "is_multilingual", False))
+        if language is not None and not multilingual and language.lower() not in ("en", "english"):
+            raise TranscriberError(f"transcript_language={language!r}: this Whisper is English-only; use 'en' or null")
+        self.decode_options = {"language": language, "task": "transcribe"} if multilingual and language else {}
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: decode under autocast (faster on bf16 hardware)
         # Transcripts by window key: every one decoded with a file attached, else the latest MEMORY_WINDOWS
         # (a server's request thread and its generation thread render the same windows: decoded once).
@@ -86,7 +92,10 @@ class WhisperTranscriber(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 (hex) of what decides a transcript: the decoding settings and every Whisper weight."""
-        digest = hashlib.sha256(json.dumps({"format": 1, "max_new_tokens": self.max_new_tokens}).encode())
+        settings = {"format": 1, "max_new_tokens": self.max_new_tokens}
+        if self.decode_options:  # absent for the settings that had no choice, so their caches stay valid
+            settings["decode_options"] = self.decode_options
+        digest = hashlib.sha256(json.dumps(settings).encode())
         for name, t in sorted(self.whisper.state_dict().items()):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
@@ -147,13 +156,15 @@ class WhisperTranscriber(nn.Module):
         ).input_features.to(device=params.device, dtype=params.dtype)  # (B, n_mels, 3000)
         dtype = self.autocast or torch.float32
         with torch.autocast(params.device.type, dtype=dtype, enabled=self.autocast is not None):
-            ids = self.whisper.generate(features, max_new_tokens=self.max_new_tokens)
+            ids = self.whisper.generate(features, max_new_tokens=self.max_new_tokens, **self.decode_options)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def build_transcriber(whisper: nn.Module, feature_extractor) -> WhisperTranscriber:
+def build_transcriber(whisper: nn.Module, feature_extractor, language: str | None = None) -> WhisperTranscriber:
     """A transcriber over a Whisper loaded by `sources.load_speech_model`, with the tokenizer read from the
-    folder (or hub id) the model itself was loaded from (`whisper.name_or_path`)."""
+    folder (or hub id) the model itself was loaded from (`whisper.name_or_path`); `language` as in
+    `WhisperTranscriber` (a multilingual Whisper's transcript language, None: detected)."""
     from transformers import AutoTokenizer
 
-    return WhisperTranscriber(whisper, feature_extractor, AutoTokenizer.from_pretrained(whisper.name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(whisper.name_or_path)
+    return WhisperTranscriber(whisper, feature_extractor, tokenizer, language=language)

@@ -29,6 +29,7 @@ EVAL_BATCH_SIZE = 32  # prompts per generate call when the demo evaluates (large
 # (hinted recipes): about 1 word in 4, i.e. one slip in a short sentence. A hint and a target far apart teach
 # the LLM to rewrite the hint from the audio tokens, which on unheard voices it does worse than Whisper.
 HINT_MAX_WER = 0.25
+LANGUAGE = "en"  # the demo's speech: a multilingual Whisper (base) transcribes it as English, never guesses
 
 
 def _paths(*manifests: Path) -> list[str]:
@@ -73,7 +74,7 @@ def whisper_transcripts(whisper, manifest: Path) -> list[str]:
     from eardrum.adapters.transcribe import build_transcriber
 
     if isinstance(whisper, (str, Path)):
-        whisper = build_transcriber(*load_speech_model(str(whisper)))
+        whisper = build_transcriber(*load_speech_model(str(whisper)), language=LANGUAGE)
     return whisper([load_audio(manifest.parent / line["audio"]) for line in _lines(manifest)])
 
 
@@ -104,7 +105,7 @@ def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: 
     from eardrum.training.distill import filter_by_hint
     from eardrum.training.setup import prepare_transcriber
 
-    transcriber = build_transcriber(*load_speech_model(str(whisper_source)))
+    transcriber = build_transcriber(*load_speech_model(str(whisper_source)), language=LANGUAGE)
     prepare_transcriber(transcriber, features, "auto")  # the same transcripts the trainer reads
     summary = filter_by_hint(transcriber, manifest, out, max_wer=HINT_MAX_WER, normalise=spell_digits)
     say(f"transcription lines whose Whisper transcript is within {HINT_MAX_WER:.0%} WER of the text: "
@@ -235,6 +236,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     # each `eardrum demo` is a fresh run: it replaces an earlier one in the same --out folder
     common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
               "train.overwrite=true", f"cache.dir={features}"]
+    if whisper != "tiny.en":  # a multilingual Whisper: its transcript hints in the demo's language
+        common.append(f"model.transcript_language={LANGUAGE}")
     steps = ["train.max_steps=40"] if quick else []
     asr_train = data["asr_train"]
     if load_recipe("demo").model.transcript_hint:

@@ -23,6 +23,7 @@ import torch
 
 from eardrum.adapters.audio import SAMPLING_RATE
 from eardrum.adapters.checkpoint import build_audio_llm, load_pretrained, read_checkpoint_meta
+from eardrum.adapters.config import AudioLLMConfig
 from eardrum.common.batching import plan_batches, shard_batches
 from eardrum.common.records import (
     DEFAULT_PROMPTS,
@@ -122,7 +123,7 @@ def _build_model(recipe: Recipe, device: torch.device):
     t = recipe.train
     if t.init_from:
         meta = read_checkpoint_meta(t.init_from)
-        if meta["config"] != recipe.model.to_dict():
+        if AudioLLMConfig.from_dict(meta["config"]).to_dict() != recipe.model.to_dict():  # defaults filled in
             raise ValueError(
                 f"train.init_from: the model section differs from the config saved in {t.init_from}; "
                 "copy that config into the recipe's model section"

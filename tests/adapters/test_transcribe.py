@@ -181,3 +181,29 @@ def test_a_window_longer_than_whisper_reads_is_refused_not_cut():
                                build_tokenizer("chatml"), max_new_tokens=2)
     with pytest.raises(TranscriberError, match="window 1 lasts 30.5 s; Whisper's decoder reads at most 30 s"):
         heard([wave(0.5), wave(30.5)])
+
+
+def test_a_multilingual_whisper_transcribes_in_the_language_asked_and_an_english_one_refuses_others(monkeypatch):
+    whisper = __import__("conftest").tiny_whisper()
+    tokenizer = build_tokenizer("chatml")
+    asked: list[dict] = []
+
+    def generate(features, **options):
+        asked.append({k: v for k, v in options.items() if k != "max_new_tokens"})
+        return torch.zeros((features.shape[0], 2), dtype=torch.long)
+
+    monkeypatch.setattr(whisper, "generate", generate)
+    english = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, language="en")
+    english([wave(0.5)])
+    assert asked == [{}]  # an English-only Whisper has nothing to choose
+    with pytest.raises(TranscriberError, match="English-only"):
+        WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, language="de")
+    monkeypatch.setattr(whisper.generation_config, "is_multilingual", True, raising=False)
+    fixed = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, language="en")
+    detected = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer)
+    fixed([wave(0.5)])
+    detected([wave(0.6)])
+    assert asked[1:] == [{"language": "en", "task": "transcribe"}, {}]
+    assert fixed.fingerprint() != detected.fingerprint() == english.fingerprint()  # other words, other cache
+    with pytest.raises(ConfigError, match="transcript_language"):
+        AudioLLMConfig(encoder="e", llm="l", transcript_language="en").validate()  # no hints to set it for

@@ -315,3 +315,18 @@ def test_a_clip_bad_only_in_full_is_named_by_line_and_skip_bad_lists_it(tmp_path
     assert [x["where"].endswith("nan.jsonl line 3") for x in listed] == [True] and "NaN" in listed[0]["message"]
     assert sum("skipped bad example" in r.getMessage() and "nan.jsonl line 3" in r.getMessage()
                for r in caplog.records) == 1  # once, however many steps meet it
+
+
+def test_init_from_a_checkpoint_written_before_a_config_key_existed(tmp_path):
+    first = train(tiny(tmp_path, "train.max_steps=1", "data.eval=[]", "lora.enabled=false"))
+    meta_file = Path(first["final"]) / "eardrum_config.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["transcript_language"]  # as an older eardrum wrote it
+    meta_file.write_text(json.dumps(meta))
+    later = tiny(tmp_path, "train.max_steps=1", "data.eval=[]", f"train.init_from={first['final']}",
+                 f"output_dir={tmp_path / 'second'}")
+    assert train(later)["steps"] == 1  # the missing key is its default, not a different model
+    changed = tiny(tmp_path, "train.max_steps=1", "data.eval=[]", f"train.init_from={first['final']}",
+                   f"output_dir={tmp_path / 'third'}", "model.pad_to_30s=true")
+    with pytest.raises(ValueError, match="the model section differs"):
+        train(changed)
