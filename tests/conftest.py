@@ -5,10 +5,16 @@ Everything here is offline and seeded; nothing touches the hub.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
+import uvicorn
 
 from eardrum.adapters.tiny import (  # noqa: F401  (re-exported for the tests)
     build_tokenizer,
@@ -20,6 +26,8 @@ from eardrum.adapters.tiny import (  # noqa: F401  (re-exported for the tests)
     w2v_feature_extractor,
     whisper_feature_extractor,
 )
+from eardrum.cli.serve import listen
+from eardrum.inference.connections import FLOODED_LOGGERS, RateLimitedLog
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,3 +63,37 @@ def llama3_tokenizer():
 def model_dirs(tmp_path_factory):
     """Tiny random base models saved as local transformers folders (the way users name local sources)."""
     return save_tiny_bases(tmp_path_factory.mktemp("bases"))
+
+
+# ---------------------------------------------------------------- servers in a thread (the server tests)
+SERVE_HOST = "127.0.0.1"
+
+
+@contextmanager
+def _serve(app, config: uvicorn.Config | None = None) -> Iterator[str]:
+    """Serve `app` (with `config`, e.g. `server.server_config`, else uvicorn's defaults) on a free loopback
+    port; yields the base URL. Log filters the config installed are removed afterwards."""
+    sock = listen(SERVE_HOST, 0)
+    server = uvicorn.Server(config or uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield f"http://{SERVE_HOST}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+        for name in FLOODED_LOGGERS:
+            log = logging.getLogger(name)
+            for f in [f for f in log.filters if isinstance(f, RateLimitedLog)]:
+                log.removeFilter(f)
+
+
+@pytest.fixture
+def serve_in_thread() -> Callable:
+    """`with serve_in_thread(app[, config]) as base_url: ...`"""
+    return _serve
