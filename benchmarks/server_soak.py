@@ -95,7 +95,7 @@ class Tally:
                 self.latencies.append(latency)
 
 
-def _normal(port: int, clip: str, tally: Tally) -> None:
+def _normal(port: int, clip: str, tally: Tally, turn: int = 0) -> None:
     start = time.perf_counter()
     try:
         status, raw = _post(port, _body("What do you hear?", clip, 8))
@@ -105,7 +105,7 @@ def _normal(port: int, clip: str, tally: Tally) -> None:
         tally.add("normal", False, repr(err))
 
 
-def _streaming(port: int, clip: str, tally: Tally) -> None:
+def _streaming(port: int, clip: str, tally: Tally, turn: int = 0) -> None:
     try:
         status, raw = _post(port, _body("What do you hear?", clip, 8, stream=True))
         tally.add("streaming", status == 200 and raw.rstrip().endswith(b"data: [DONE]"), f"{status} {raw[-200:]!r}")
@@ -113,7 +113,7 @@ def _streaming(port: int, clip: str, tally: Tally) -> None:
         tally.add("streaming", False, repr(err))
 
 
-def _longest(port: int, prompt: str, tally: Tally) -> None:
+def _longest(port: int, prompt: str, tally: Tally, turn: int = 0) -> None:
     try:
         status, raw = _post(port, _body(prompt, None, LIMITS["max_new_tokens"]), timeout=120)
         tally.add("longest", status == 200, f"{status} {raw[:200]!r}")
@@ -121,7 +121,7 @@ def _longest(port: int, prompt: str, tally: Tally) -> None:
         tally.add("longest", False, repr(err))
 
 
-def _oversized(port: int, too_long: str, tally: Tally, turn: int) -> None:
+def _oversized(port: int, too_long: str, tally: Tally, turn: int = 0) -> None:
     try:
         if turn % 2:
             status, raw = _post(port, b'{"model": "soak", "pad": "' + b"x" * LIMITS["max_request_bytes"] + b'"}')
@@ -139,7 +139,7 @@ def _raw_head(body_length: int) -> bytes:
             f"Content-Length: {body_length}\r\n\r\n").encode()
 
 
-def _disconnecting(port: int, clip: str, tally: Tally) -> None:
+def _disconnecting(port: int, clip: str, tally: Tally, turn: int = 0) -> None:
     body = _body("What do you hear?", clip, 8)
     try:
         with socket.create_connection((HOST, port), timeout=10) as sock:
@@ -149,7 +149,7 @@ def _disconnecting(port: int, clip: str, tally: Tally) -> None:
         tally.add("disconnecting", False, repr(err))
 
 
-def _slow(port: int, tally: Tally, turn: int) -> None:
+def _slow(port: int, tally: Tally, turn: int = 0) -> None:
     """A head dripped slower than the head deadline (closed by the server), or a body slower than the body
     deadline (408)."""
     try:
@@ -189,7 +189,7 @@ def _longest_prompt(port: int, too_long: str) -> str:
 def _loop(until: float, work, *args) -> None:
     turn = 0
     while time.perf_counter() < until:
-        work(*args, turn) if work in (_oversized, _slow) else work(*args)
+        work(*args, turn)  # every worker takes its turn number; some alternate their kind of request
         if work in (_oversized, _disconnecting):
             time.sleep(HOSTILE_PAUSE_S)
         turn += 1

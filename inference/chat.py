@@ -30,7 +30,16 @@ from eardrum.adapters.processor import AudioProcessor
 from eardrum.common.decoding import answer_conversations, generate_tokens
 from eardrum.common.generation import GenerationSettings
 
-from .library import LIBRARY_WINDOWS, NOTHING_FOUND, AudioLibrary, Hit, find_windows, sources_line, window_parts
+from .library import (
+    LIBRARY_WINDOWS,
+    NOTHING_FOUND,
+    AudioLibrary,
+    Hit,
+    find_windows,
+    sources_line,
+    user_question,
+    window_parts,
+)
 from .streaming import PieceStreamer
 
 __all__ = ["AudioChat", "GenerationSettings", "Recording", "RecordingNotFoundError", "default_recording_name"]
@@ -179,9 +188,8 @@ class AudioChat:
             library: a library of recordings (`eardrum.inference.library`; an `AudioLibrary` or its file) to
                 search instead: the `windows` windows that best match the question (`library.find_windows`;
                 a follow-up is searched with the questions before it) are heard, each introduced by its file
-                and time; the answer
-                ends with a `Sources:` line naming them, and `last_sources` holds them as `Hit`s. With no
-                window matching, the answer says so and the model is not asked.
+                and time; the answer ends with a `Sources:` line naming them, and `last_sources` holds them
+                as `Hit`s. With no window matching, the answer says so and the model is not asked.
 
         Raises:
             RecordingNotFoundError: a name in `recordings` is unknown. The chat is unchanged.
@@ -198,9 +206,8 @@ class AudioChat:
     def _ask_library(self, text: str, library, windows: int, settings: GenerationSettings | None) -> str:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"question: expected non-empty text, got {text!r}")
-        # a user turn ends with its question: follow-ups ("and who decided it?") search with the earlier ones
-        earlier = [m["content"][-1]["text"] for m in self._messages
-                   if m["role"] == "user" and isinstance(m["content"], list) and m["content"][-1]["type"] == "text"]
+        # follow-ups ("and who decided it?") are searched with the earlier questions
+        earlier = [q for q in map(user_question, self._messages) if q]
         hits = find_windows(library, text, earlier, windows)
         self.last_sources = hits
         user = {"role": "user", "content": [*window_parts(hits), {"type": "text", "text": text}]}

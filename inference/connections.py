@@ -73,7 +73,7 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_head_timer()  # the next request's head has the same deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if getattr(self, "_head_timer", None) is not None:
+        if self._head_timer is not None:  # set in connection_made, which always comes first
             self._head_timer.cancel()
         super().connection_lost(exc)
 

@@ -107,17 +107,20 @@ def search_terms(question: str) -> str:
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
 
 
-DESCRIBE_PROMPT = "Transcribe the audio."  # a trained model answers a window without speech with what it hears
 DESCRIBE_MAX_TOKENS = 96  # a 20 s window of fast speech is about 70 words
 
 
-def model_describer(model, processor, *, batch_size: int = 8, prompt: str = DESCRIBE_PROMPT,
+def model_describer(model, processor, *, batch_size: int = 8, prompt: str | None = None,
                     max_new_tokens: int = DESCRIBE_MAX_TOKENS) -> Callable[[list[np.ndarray]], list[str]]:
-    """`describe(waves) -> texts` for `AudioLibrary.index`: the model's own greedy answer to `prompt` for each
-    window (its transcript; for a window without speech, the demo's models say what they hear instead)."""
+    """`describe(waves) -> texts` for `AudioLibrary.index`: the model's own greedy answer to `prompt` (default:
+    `chat.TRANSCRIBE_PROMPT`) for each window (its transcript; for a window without speech, the demo's models
+    say what they hear instead)."""
     from eardrum.common.decoding import answer_conversations
     from eardrum.common.generation import GenerationSettings
 
+    from .chat import TRANSCRIBE_PROMPT
+
+    prompt = prompt or TRANSCRIBE_PROMPT
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
 
     def describe(waves: list[np.ndarray]) -> list[str]:
@@ -143,6 +146,17 @@ def is_follow_up(question: str) -> bool:
     "also", or refers back with a pronoun such as it, that, they, she."""
     words = re.findall(r"[\w']+", question.lower())
     return bool(words) and (words[0] in ("and", "also") or any(w in FOLLOW_UP_WORDS for w in words))
+
+
+def user_question(message: dict) -> str | None:
+    """The question a user message asks: its text (a string content) or its last part when that is text; None
+    for other roles and for messages that end in audio."""
+    if message.get("role") != "user":
+        return None
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return content[-1]["text"] if content and content[-1]["type"] == "text" else None
 
 
 def find_windows(library: AudioLibrary | str | os.PathLike, question: str, earlier: Sequence[str] = (),

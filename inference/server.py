@@ -52,7 +52,7 @@ from eardrum.adapters.processor import AudioProcessor, ConversationError
 
 from .batch_engine import Finished, GenerationEngine, Job
 from .connections import guarded_protocol, limit_log_floods
-from .library import NOTHING_FOUND, Hit, LibraryError, find_windows, sources_line, window_parts
+from .library import NOTHING_FOUND, Hit, LibraryError, find_windows, sources_line, user_question, window_parts
 from .openai_schema import (
     APIError,
     AudioClip,
@@ -182,17 +182,10 @@ class RequestReader:
             raise bad_request("library: this server has no library; start it with eardrum serve --library LIB",
                               "library", code="no_library")
         asked = [m for m in conversation if m["role"] == "user"]
-
-        def question(message: dict) -> str | None:
-            content = message["content"]
-            if isinstance(content, str):
-                return content
-            return content[-1]["text"] if content and content[-1]["type"] == "text" else None
-
-        last = question(asked[-1]) if asked else None
+        last = user_question(asked[-1]) if asked else None
         if not last or not last.strip():
             raise bad_request("messages: a library question needs a last user message that ends in text", "messages")
-        earlier = [q for q in map(question, asked[:-1]) if q]
+        earlier = [q for q in map(user_question, asked[:-1]) if q]
         try:
             hits = find_windows(self.settings.library, last, earlier)
         except LibraryError as err:
@@ -291,12 +284,16 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     try:
         await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-        logger.warning("%s sent %d bytes of its body in %g s (--body-timeout); answered 408", peer, len(body),
-                       timeout_s)
+        logger.warning("%s sent %d bytes of its body in %g s (--body-timeout); answered 408", _peer(request),
+                       len(body), timeout_s)
         raise APIError(408, f"the request body was not all received within {timeout_s:g} s (--body-timeout); "
                        f"{len(body)} bytes arrived", code="request_timeout") from None
     return bytes(body)
+
+
+def _peer(request: Request) -> str:
+    """host:port of the client, for the log."""
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
 
 
 def _too_large(size: int | None, limit: int) -> APIError:
@@ -348,8 +345,7 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
         try:
             raw = await _read_body(request, settings.max_request_bytes, settings.body_timeout_s)
         except ClientDisconnect:  # nobody is left to answer: one line in the log, no traceback
-            peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-            logger.info("%s disconnected while sending its request body; nothing was run", peer)
+            logger.info("%s disconnected while sending its request body; nothing was run", _peer(request))
             return Response(status_code=400)
         chat, conversation, prompt_tokens, hits = await run_in_threadpool(reader, raw)
         reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), settings.model_name, prompt_tokens,
