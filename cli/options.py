@@ -39,7 +39,7 @@ def seed_type(maximum: int = MAX_SEED, shown: str = "2**64 - 1"):
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """--max-new-tokens, --temperature, --top-p, --repetition-penalty, --seed (`GenerationSettings`)."""
+    """--max-new-tokens, --temperature, --top-p, --repetition-penalty, --seed, --stop-loops (`GenerationSettings`)."""
     group = parser.add_argument_group("generation")
     default = lambda name: field_default(GenerationSettings, name)  # noqa: E731
     group.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"), help="(default: %(default)s)")
@@ -48,6 +48,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     penalty = default("repetition_penalty")
     group.add_argument("--repetition-penalty", type=float, default=penalty, help="> 1 discourages repeats; 1 = off")
     group.add_argument("--seed", type=seed_type(), default=default("seed"), help="makes sampling reproducible")
+    group.add_argument(
+        "--stop-loops", type=int, default=default("stop_loops"), metavar="N",
+        help="end an answer whose last tokens repeat one run (up to 16 tokens) N times; 0 = off (default: %(default)s)",
+    )
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
@@ -58,6 +62,7 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        stop_loops=args.stop_loops,
     )
 
 

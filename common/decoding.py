@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from eardrum.adapters.model import AudioLLM
 from eardrum.adapters.processor import AudioProcessor
 
-from .generation import GenerationSettings, GenerationSettingsError
+from .generation import GenerationSettings, GenerationSettingsError, loop_period, loop_span
 
 __all__ = [
     "GenerationSettings",
@@ -100,6 +100,18 @@ def draw_tokens(scores: torch.Tensor, temperature: float, top_p: float, generato
     return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
 
 
+class _LoopStop(StoppingCriteria):
+    """Ends each row whose newest tokens repeat one run `repeats` times (see `GenerationSettings.stop_loops`)."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self.span = loop_span(repeats)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tails = input_ids[:, -self.span :].tolist()  # (B, <= span): the newest tokens of each row
+        return torch.tensor([loop_period(t, self.repeats) > 0 for t in tails], device=input_ids.device)
+
+
 class _Sampler(LogitsProcessor):
     """Draws the next token with temperature and top-p, then masks every other token."""
 
@@ -156,11 +168,15 @@ def generate_tokens(
             same with encoder frames in place of features (`audio_frames`, `frame_lengths`).
         settings: length, sampling and penalties.
         logits_processor: more processors, run after the settings' sampler (the server's per-row sampler).
-        hooks: passed on to `generate` as they are: `streamer`, `stopping_criteria`.
+        hooks: passed on to `generate` as they are: `streamer`, `stopping_criteria` (the loop stop of
+            `settings.stop_loops` is added to the latter).
     """
     kwargs = generate_kwargs(settings, tokenizer, getattr(model.llm, "generation_config", None))
     if logits_processor:
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), *logits_processor])
+    if settings.stop_loops:
+        criteria = [*hooks.get("stopping_criteria", []), _LoopStop(settings.stop_loops)]
+        hooks["stopping_criteria"] = StoppingCriteriaList(criteria)
     device = model.device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     return model.generate(**inputs, **kwargs, **hooks)

@@ -8,6 +8,7 @@ This module imports nothing heavy, so the command line can read the defaults bef
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 BATCH_SIZE = 8  # prompts per generate call when a whole manifest is answered (`eardrum generate`, `eardrum eval`)
@@ -19,6 +20,8 @@ class GenerationSettingsError(ValueError):
 
 MAX_SEED = 2**64 - 1  # the largest seed torch's generators take
 MAX_TRAIN_SEED = 2**32 - 1  # training seeds numpy too, whose seeds stop here
+LOOP_PERIODS = 16  # the longest run of tokens `stop_loops` looks for (a phrase of a few words)
+LOOP_MIN_TOKENS = 16  # a loop is never shorter than this, so "1000000" or "!!!" is not one
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class GenerationSettings:
     repetition_penalty: float = 1.0  # > 1 makes tokens already generated less likely; 1 = off
     seed: int | None = None  # seeds sampling: the same prompt and seed give the same answer
     fast: bool = False  # static KV cache; on CUDA the decoding step is compiled (the first answer of a shape compiles)
+    # An answer ends once its last tokens are one run of 1 to LOOP_PERIODS tokens repeated this many times
+    # (and at least LOOP_MIN_TOKENS long): a greedy decoder that loops never leaves the loop. 0 = off.
+    stop_loops: int = 8
 
     def problems(self) -> list[str]:
         """Every problem with these settings (empty when valid)."""
@@ -45,6 +51,8 @@ class GenerationSettings:
             out.append(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
         if self.seed is not None and (not _is_count(self.seed) or not 0 <= self.seed <= MAX_SEED):
             out.append(f"seed: expected an integer from 0 to 2**64 - 1, or None, got {self.seed!r}")
+        if not _is_count(self.stop_loops) or self.stop_loops < 0 or self.stop_loops == 1:
+            out.append(f"stop_loops: expected 0 (off) or an integer >= 2 (repeats), got {self.stop_loops!r}")
         if not isinstance(self.fast, bool):
             out.append(f"fast: expected True or False, got {self.fast!r}")
         return out
@@ -59,6 +67,29 @@ class GenerationSettings:
     def greedy(self) -> bool:
         """Whether each answer takes the likeliest token at every step."""
         return self.temperature == 0
+
+
+def loop_period(ids: Sequence[int], repeats: int) -> int:
+    """The length of the run of tokens that `ids` ends by repeating `repeats` times, or 0 when it does not.
+
+    Periods from 1 to `LOOP_PERIODS` tokens are tried, shortest first; the repeated stretch must also be at
+    least `LOOP_MIN_TOKENS` long. `repeats` is `GenerationSettings.stop_loops` (0 = never a loop).
+    """
+    if repeats < 2:
+        return 0
+    for period in range(1, LOOP_PERIODS + 1):
+        span = max(period * repeats, LOOP_MIN_TOKENS)
+        if len(ids) < span:
+            break  # longer periods need longer spans still
+        tail = list(ids[-span:])
+        if tail[period:] == tail[:-period]:
+            return period
+    return 0
+
+
+def loop_span(repeats: int) -> int:
+    """How many of the newest tokens `loop_period` can look at: the most any caller needs to keep."""
+    return max(LOOP_PERIODS * repeats, LOOP_MIN_TOKENS)
 
 
 def _is_count(value) -> bool:

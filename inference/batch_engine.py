@@ -9,7 +9,9 @@ runs them as ONE left-padded `generate`. Every job can share a batch with every 
   answer does not depend on its neighbours and the global random state is never touched;
 - a stopping criterion sees every row's newest token at each step. It is the per-row streamer
   (streaming rows get text deltas as they are decoded) and it ends each row on its own: at an
-  end-of-turn token, at one of its stop strings, at its max_tokens, or when its client has gone.
+  end-of-turn token, at one of its stop strings, at its max_tokens, when it loops (the same run of
+  tokens repeated `GenerationSettings.stop_loops` times, as on every other path), or when its client
+  has gone.
 
 Results go back to the event loop through `Job.emit`, which is thread-safe; the loop never waits
 on the model.
@@ -29,11 +31,13 @@ from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from eardrum.adapters.processor import AudioProcessor
 from eardrum.common.decoding import draw_tokens, generate_tokens, seeded_generator, stop_token_ids
-from eardrum.common.generation import GenerationSettings
+from eardrum.common.generation import GenerationSettings, loop_period
 
 from .openai_schema import APIError, SamplingOptions
 
 logger = logging.getLogger(__name__)
+
+LOOP_REPEATS = GenerationSettings().stop_loops  # a row that repeats one run this often ends, as everywhere else
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class _Row:
             self.reason = "stop"
         else:
             self.ids.append(token)
+            if loop_period(self.ids, LOOP_REPEATS):  # the answer went round in a loop: it has ended
+                self.reason = "stop"
         if self.reason is None and self.generated >= self.job.options.max_tokens:
             self.reason = "length"
         if self.watch:
@@ -262,8 +268,8 @@ class GenerationEngine:
         options = [job.options for job in jobs]
         sampler = [] if all(o.greedy for o in options) else [_RowSampler(options)]
         # Greedy settings for the batch: sampling rows are drawn by _RowSampler (OpenAI's sampling has no
-        # top-k), and each row ends at its own stop or length through _RowMonitor.
-        settings = GenerationSettings(max_new_tokens=max(o.max_tokens for o in options))
+        # top-k), and each row ends at its own stop, length or loop through _RowMonitor.
+        settings = GenerationSettings(max_new_tokens=max(o.max_tokens for o in options), stop_loops=0)
         generate_tokens(
             self.model,
             self.processor.tokenizer,

@@ -533,3 +533,27 @@ def test_sigterm_stops_a_real_server_with_exit_code_0(checkpoint, tmp_path):
         if process.poll() is None:
             process.kill()
     assert "draining" in (tmp_path / "log").read_text()
+
+
+def test_a_server_row_that_loops_ends_with_finish_reason_stop_like_every_other_path(chatml_tokenizer):
+    from types import SimpleNamespace
+
+    from eardrum.common.generation import GenerationSettings
+    from eardrum.inference.batch_engine import Finished, _Row
+
+    events = []
+    options = SimpleNamespace(max_tokens=100, stop=())
+    for stream in (False, True):
+        events.clear()
+        job = SimpleNamespace(cancelled=False, options=options, stream=stream, emit=events.append)
+        row = _Row(job, chatml_tokenizer, frozenset({0}))
+        loop = chatml_tokenizer.encode(" no,", add_special_tokens=False)
+        for token in chatml_tokenizer.encode("Please", add_special_tokens=False) + loop * 20:
+            row.push(token)
+        row.finish()
+        done = events[-1]
+        assert isinstance(done, Finished) and done.finish_reason == "stop"
+        repeats = GenerationSettings().stop_loops
+        assert done.text.count("no,") == repeats and done.completion_tokens == len(row.ids)
+        if stream:
+            assert "".join(e for e in events if isinstance(e, str)) == done.text
