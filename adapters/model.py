@@ -202,18 +202,21 @@ class AudioLLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
         audio_frames: torch.Tensor | None = None,
         frame_lengths: torch.Tensor | None = None,
         fast: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Generate from merged embeddings; returns only the new token ids (B, T_new).
 
         Batched prompts must be left-padded (the processor does so with add_generation_prompt).
+        `inputs_embeds` (B, T, D_llm), left-padded, made by `embed` earlier (with `attention_mask`), replaces
+        input_ids and audio: the server continues its rows this way (`eardrum.inference.batch_engine`).
         With `fast=True` the LLM decodes with a static KV cache (`cache_implementation="static"`),
         whose fixed shapes let transformers compile the decoding step (torch.compile with CUDA
         graphs) on CUDA: the first call of each batch size and length compiles (tens of seconds),
@@ -224,10 +227,17 @@ class AudioLLM(nn.Module):
             chosen = generate_kwargs.setdefault("cache_implementation", "static")
             if chosen != "static":
                 raise ValueError(f"fast=True decodes with cache_implementation='static', got {chosen!r}")
-        embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
+        if inputs_embeds is not None:
+            if input_ids is not None or audio_features is not None or audio_frames is not None:
+                raise ValueError("give inputs_embeds or input_ids (with audio), not both")
+            embeds = inputs_embeds
+        elif input_ids is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
+        else:
+            embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
         if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
-        elif input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        elif embeds.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("batched generation needs left padding; build inputs with padding_side='left'")
         return self.llm.generate(
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs

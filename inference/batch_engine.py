@@ -1,17 +1,22 @@
-"""One model, many requests: a queue and a generation thread that runs waiting requests as one batch.
+"""One model, many requests: a queue and a generation thread that batches them continuously.
 
-The generation thread owns the model. It takes the oldest waiting job, waits up to `batch_wait_s`
-for others (so requests that arrive together share a forward pass), takes up to `max_batch`, and
-runs them as ONE left-padded `generate`. Every job can share a batch with every other:
+The generation thread owns the model. When idle, it takes the oldest waiting job and waits up to
+`batch_wait_s` for others (so requests that arrive together share a forward pass), up to `max_batch`.
+Each job's prompt is embedded once (text and audio tokens, `AudioLLM.embed`); the rows then run as ONE
+left-padded `generate` from those embeddings. Rows join while others run: once a batch has run
+`SEGMENT_STEPS` steps, jobs are waiting and the batch has room, the batch stops at that step, and its
+unfinished rows go on in the next batch beside the new jobs, each continued from its prompt and the
+tokens it has so far (recomputed once, in that batch's prefill). A long answer therefore never holds a
+short request back for more than `SEGMENT_STEPS` steps. Every job can share a batch with every other:
 
 - decoding settings are per row: `generate` runs greedy, and a logits processor draws the token of
   each sampling row with that row's temperature, top_p and its own `torch.Generator`, so a seeded
   answer does not depend on its neighbours and the global random state is never touched;
 - a stopping criterion sees every row's newest token at each step. It is the per-row streamer
-  (streaming rows get text deltas as they are decoded) and it ends each row on its own: at an
-  end-of-turn token, at one of its stop strings, at its max_tokens, when it loops (the same run of
-  tokens repeated `GenerationSettings.stop_loops` times, as on every other path), or when its client
-  has gone.
+  (streaming rows get text deltas as they are decoded) and it ends and answers each row on its own,
+  without waiting for the rest of the batch: at an end-of-turn token, at one of its stop strings, at
+  its max_tokens, when it loops (the same run of tokens repeated `GenerationSettings.stop_loops`
+  times, as on every other path), or when its client has gone.
 
 Results go back to the event loop through `Job.emit`, which is thread-safe; the loop never waits
 on the model.
@@ -38,6 +43,7 @@ from .openai_schema import APIError, SamplingOptions
 logger = logging.getLogger(__name__)
 
 LOOP_REPEATS = GenerationSettings().stop_loops  # a row that repeats one run this often ends, as everywhere else
+SEGMENT_STEPS = 16  # a batch runs at least this many steps before it stops to let waiting jobs in
 
 
 @dataclass(frozen=True)
@@ -87,19 +93,35 @@ def _sendable(text: str, stops: tuple[str, ...]) -> str:
 
 
 class _Row:
-    """One job's row of a batched generate: its new tokens, its text, and why it ended."""
+    """One job's row across the batches it runs in: its prompt's embeddings, its new tokens, its text,
+    its sampler, and why it ended."""
 
-    def __init__(self, job: Job, tokenizer, stop_ids: frozenset[int]) -> None:
+    def __init__(self, job: Job, tokenizer, stop_ids: frozenset[int], prompt: torch.Tensor | None = None) -> None:
         self.job = job
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
+        self.prompt = prompt  # (T_prompt, D_llm): the prompt's embeddings, audio tokens merged in
         self.ids: list[int] = []  # new tokens without the end-of-turn token
         self.generated = 0
         self.text = ""
         self.sent = ""  # what the client has been streamed
         self.reason: str | None = None
+        self.reported = False  # whether finish() has sent the result
+        self.generator: torch.Generator | None = None  # a sampling row's draws, kept across its batches
         # Decoding at every step costs; only rows that stream or look for stop strings need it.
         self.watch = job.stream or bool(job.options.stop)
+
+    @property
+    def left(self) -> int:
+        """New tokens this row may still generate."""
+        return self.job.options.max_tokens - self.generated
+
+    def context(self, embedding: torch.nn.Module) -> torch.Tensor:
+        """(T_prompt + T_so_far, D_llm): the prompt's embeddings, then those of the tokens generated so far."""
+        if not self.ids:
+            return self.prompt
+        ids = torch.tensor(self.ids, device=embedding.weight.device)
+        return torch.cat([self.prompt, embedding(ids).to(self.prompt.dtype)])
 
     def push(self, token: int) -> None:
         """Take this row's newest token (ignored once the row has ended: those are padding)."""
@@ -136,9 +158,10 @@ class _Row:
             self.sent = ready
 
     def finish(self) -> None:
-        """Report the result; called once generate has returned."""
-        if self.reason == "cancelled":
+        """Report the result, once: called as soon as the row ends, even while its batch goes on."""
+        if self.reported or self.reason == "cancelled":
             return
+        self.reported = True
         if not self.watch:
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
         self.reason = self.reason or "length"  # only the LLM's own length limit ends a row without us
@@ -148,36 +171,45 @@ class _Row:
 
 
 class _RowMonitor(StoppingCriteria):
-    """Called by generate once per step with every row's tokens so far; ends rows one by one."""
+    """Called by generate once per step with every row's tokens so far; ends rows one by one, and ends
+    the whole batch early when `make_room()` says jobs wait for a place in it (see the module docstring)."""
 
-    def __init__(self, rows: list[_Row]) -> None:
+    def __init__(self, rows: list[_Row], make_room=lambda running: False) -> None:
         self.rows = rows
+        self.make_room = make_room
+        self.steps = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.steps += 1
         for row, token in zip(self.rows, input_ids[:, -1].tolist()):  # input_ids (B, T_new)
             row.push(token)
-        return torch.tensor([row.reason is not None for row in self.rows], device=input_ids.device)
+            if row.reason is not None:
+                row.finish()  # answered now, not when the batch's longest row ends
+        ended = [row.reason is not None for row in self.rows]
+        if self.steps >= SEGMENT_STEPS and self.make_room(sum(not e for e in ended)):
+            ended = [True] * len(self.rows)  # the unfinished rows go on in the next batch
+        return torch.tensor(ended, device=input_ids.device)
 
 
 class _RowSampler(LogitsProcessor):
-    """Draws the next token of each sampling row and leaves only it possible, so generate's greedy
-    step takes it; greedy rows (temperature 0) pass through untouched."""
+    """Draws the next token of each sampling row with that row's own generator and leaves only it
+    possible, so generate's greedy step takes it; greedy rows (temperature 0) pass through untouched."""
 
-    def __init__(self, options: list[SamplingOptions]) -> None:
-        self.rows = [(b, o) for b, o in enumerate(options) if not o.greedy]
-        self.generators: list[torch.Generator] = []
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = [(b, row) for b, row in enumerate(rows) if not row.job.options.greedy]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.generators:  # made here: a generator must live on the device of the scores
-            self.generators = [seeded_generator(scores.device, o.seed) for _, o in self.rows]
         scores = scores.clone()  # (B, V)
-        for (b, o), generator in zip(self.rows, self.generators):
-            scores[b : b + 1] = draw_tokens(scores[b : b + 1], o.temperature, o.top_p, generator)  # (1, V)
+        for b, row in self.rows:
+            o = row.job.options
+            if row.generator is None:  # made here: a generator must live on the device of the scores
+                row.generator = seeded_generator(scores.device, o.seed)
+            scores[b : b + 1] = draw_tokens(scores[b : b + 1], o.temperature, o.top_p, row.generator)  # (1, V)
         return scores
 
 
 class GenerationEngine:
-    """Owns the model; one thread runs the waiting jobs in batches (see the module docstring)."""
+    """Owns the model; one thread runs the jobs in continuous batches (see the module docstring)."""
 
     def __init__(self, model, processor: AudioProcessor, *, max_batch: int, batch_wait_s: float) -> None:
         self.model = model
@@ -190,10 +222,11 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="eardrum-generate", daemon=True)
-        self._counts = {"batches": 0, "requests": 0, "largest_batch": 0}
+        self._counts = {"batches": 0, "requests": 0, "largest_batch": 0, "continued": 0}
 
     def stats(self) -> dict[str, int]:
-        """Jobs waiting now; batches and requests run so far, and the largest batch."""
+        """Jobs waiting now; batches (generate calls) and requests run so far, the largest batch, and how
+        many times an unfinished row went on in a later batch to make room for waiting jobs."""
         return {"waiting": len(self._pending), **self._counts}
 
     def start(self) -> None:
@@ -201,7 +234,7 @@ class GenerationEngine:
 
     def drain(self) -> int:
         """Stop taking jobs (new ones get 503 `shutting_down`), answer the waiting ones with that error, and
-        let the running batch finish. Safe from any thread, and to call again; returns how many were waiting."""
+        let the running rows finish. Safe from any thread, and to call again; returns how many were waiting."""
         with self._cond:
             self._closed = True
             dropped = list(self._pending)
@@ -212,7 +245,7 @@ class GenerationEngine:
         return len(dropped)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Drain, then wait up to `timeout` seconds for the running batch to end."""
+        """Drain, then wait up to `timeout` seconds for the running rows to end."""
         self.drain()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -225,60 +258,109 @@ class GenerationEngine:
             self._pending.append(job)
             self._cond.notify()
 
-    def _next_batch(self) -> list[Job] | None:
+    def _make_room(self, running: int) -> bool:
+        """Whether a running batch with `running` unfinished rows should stop to let waiting jobs in."""
+        return bool(self._pending) and running < self.max_batch and not self._closed
+
+    def _take(self, running: int) -> list[Job] | None:
+        """Jobs to start beside `running` unfinished rows: when idle, wait for the first and up to
+        `batch_wait_s` for more; when rows run, only those already waiting. None once closed and idle."""
         with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            deadline = time.monotonic() + self.batch_wait_s
-            while not self._closed and len(self._pending) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+            if running == 0:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while not self._closed and len(self._pending) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
             if self._closed:
-                return None
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                return None if running == 0 else []
+            room = self.max_batch - running
+            batch = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
         return [job for job in batch if not job.cancelled]
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if batch:
-                self._run(batch)
+        rows: list[_Row] = []  # unfinished rows, carried from one batch to the next
+        while (jobs := self._take(len(rows))) is not None:
+            rows += self._start(jobs)
+            if rows:
+                rows = self._run(rows)
 
-    def _run(self, jobs: list[Job]) -> None:
-        self._counts["batches"] += 1
+    def _start(self, jobs: list[Job]) -> list[_Row]:
+        """Rows for new jobs, each with its prompt embedded; a job whose prompt fails gets a 500 alone."""
+        if not jobs:
+            return []
         self._counts["requests"] += len(jobs)
-        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(jobs))
         try:
-            rows = self._generate(jobs)
-        except Exception:  # one failing batch must not stop the server: its requests get a 500
-            logger.exception("generation failed for a batch of %d requests", len(jobs))
-            error = APIError(
-                500, "the model failed on this request; the server log has the details", type="server_error"
-            )
+            prompts = self._embed([job.conversation for job in jobs])
+        except Exception:  # find the job at fault: embed them one by one
+            prompts = []
             for job in jobs:
-                job.emit(error)
-            return
-        for row in rows:
-            row.finish()
+                try:
+                    prompts += self._embed([job.conversation])
+                except Exception:
+                    logger.exception("reading a request's prompt failed")
+                    job.emit(_model_failed())
+                    prompts.append(None)
+        tokenizer = self.processor.tokenizer
+        return [_Row(job, tokenizer, self.stop_ids, p) for job, p in zip(jobs, prompts) if p is not None]
 
-    def _generate(self, jobs: list[Job]) -> list[_Row]:
-        batch = self.processor([job.conversation for job in jobs], add_generation_prompt=True)  # left-padded
-        rows = [_Row(job, self.processor.tokenizer, self.stop_ids) for job in jobs]
-        options = [job.options for job in jobs]
-        sampler = [] if all(o.greedy for o in options) else [_RowSampler(options)]
+    @torch.no_grad()
+    def _embed(self, conversations: list[list[dict]]) -> list[torch.Tensor]:
+        """Each conversation's prompt as embeddings (T_i, D_llm), audio tokens merged in, padding dropped."""
+        batch = self.processor(conversations, add_generation_prompt=True)  # left-padded
+        device = self.model.device
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        mask = batch.pop("attention_mask").bool()  # (B, T)
+        embeds = self.model.embed(**batch)  # (B, T, D_llm)
+        return [e[m] for e, m in zip(embeds, mask)]
+
+    def _run(self, rows: list[_Row]) -> list[_Row]:
+        """One batched generate over `rows`; reports the rows that ended and returns those that go on."""
+        self._counts["batches"] += 1
+        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))
+        try:
+            self._generate(rows)
+        except Exception:  # one failing batch must not stop the server: its requests get a 500
+            logger.exception("generation failed for a batch of %d requests", len(rows))
+            for row in rows:
+                if not row.reported and row.reason != "cancelled":
+                    row.job.emit(_model_failed())
+            return []
+        going_on = [row for row in rows if row.reason is None]
+        for row in rows:
+            if row.reason is not None:
+                row.finish()  # those the LLM's own length ended (the others have reported already)
+        self._counts["continued"] += len(going_on)
+        return going_on
+
+    def _generate(self, rows: list[_Row]) -> None:
+        embedding = self.model.llm.get_input_embeddings()
+        contexts = [row.context(embedding) for row in rows]  # (T_i, D_llm) each
+        width = max(len(c) for c in contexts)
+        embeds = contexts[0].new_zeros(len(rows), width, contexts[0].shape[-1])  # (B, T, D_llm), left-padded
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)  # (B, T)
+        for b, c in enumerate(contexts):
+            embeds[b, width - len(c) :] = c
+            mask[b, width - len(c) :] = 1
+        sampler = [] if all(row.job.options.greedy for row in rows) else [_RowSampler(rows)]
         # Greedy settings for the batch: sampling rows are drawn by _RowSampler (OpenAI's sampling has no
         # top-k), and each row ends at its own stop, length or loop through _RowMonitor.
-        settings = GenerationSettings(max_new_tokens=max(o.max_tokens for o in options), stop_loops=0)
+        settings = GenerationSettings(max_new_tokens=max(row.left for row in rows), stop_loops=0)
         generate_tokens(
             self.model,
             self.processor.tokenizer,
-            batch,
+            {"inputs_embeds": embeds, "attention_mask": mask},
             settings,
             logits_processor=sampler,
-            stopping_criteria=StoppingCriteriaList([_RowMonitor(rows)]),
+            stopping_criteria=StoppingCriteriaList([_RowMonitor(rows, self._make_room)]),
         )
-        return rows
+
+
+def _model_failed() -> APIError:
+    return APIError(500, "the model failed on this request; the server log has the details", type="server_error")
 
 
 def _shutting_down() -> APIError:

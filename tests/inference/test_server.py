@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -557,3 +558,65 @@ def test_a_server_row_that_loops_ends_with_finish_reason_stop_like_every_other_p
         assert done.text.count("no,") == repeats and done.completion_tokens == len(row.ids)
         if stream:
             assert "".join(e for e in events if isinstance(e, str)) == done.text
+
+
+
+def test_a_long_answer_does_not_hold_back_a_short_request_and_goes_on_unchanged(direct, monkeypatch):
+    """Continuous batching: a short request sent while a 200-token answer runs joins within SEGMENT_STEPS
+    steps and is answered long before it ends; the long row goes on from where it was, to the same tokens."""
+    from types import SimpleNamespace
+
+    from eardrum.common import decoding
+    from eardrum.inference import batch_engine
+    from eardrum.inference.batch_engine import GenerationEngine
+    from eardrum.inference.openai_schema import SamplingOptions
+
+    # no end of turn and no loop stop: every row runs to its max_tokens (the only stop id is the audio
+    # placeholder, which the model never writes)
+    never = direct.model.placeholder_id
+    monkeypatch.setattr(decoding, "stop_token_ids", lambda tokenizer, config=None: [never])
+    monkeypatch.setattr(batch_engine, "LOOP_REPEATS", 0)
+    rows: list = []  # every row the engine starts, in order
+    real_start = GenerationEngine._start
+
+    def start(self, jobs):
+        rows.extend(new := real_start(self, jobs))
+        return new
+
+    monkeypatch.setattr(GenerationEngine, "_start", start)
+    wave = np.asarray(synth_sound(440.0, 2), dtype=np.float32)
+    content = [{"type": "audio", "audio": (wave, 16000)}, {"type": "text", "text": QUESTION}]
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    def run(max_tokens: list[int]):
+        """Submit one job per entry, each once the first has 2 tokens; returns {k: (Finished, the first job's
+        tokens when job k finished)} and the engine's stats."""
+        rows.clear()
+        results: dict[int, tuple] = {}
+        engine = GenerationEngine(direct.model, direct.processor, max_batch=4, batch_wait_s=0)
+        engine.stop_ids = frozenset([never])
+        engine.start()
+        try:
+            for k, n in enumerate(max_tokens):
+                if k:
+                    until(lambda: rows and rows[0].generated >= 2)
+                emit = lambda event, k=k: results.__setitem__(k, (event, rows[0].generated))  # noqa: E731
+                engine.submit(SimpleNamespace(conversation=[{"role": "user", "content": content}], stream=False,
+                                              options=SamplingOptions(n, 0.0), cancelled=False, emit=emit))
+            until(lambda: len(results) == len(max_tokens))
+        finally:
+            engine.close()
+        return results, engine.stats()
+
+    alone, _ = run([200])
+    both, stats = run([200, 3])
+    (short, long_tokens_then), (long, _) = both[1], both[0]
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    assert long_tokens_then <= 2 + 2 * batch_engine.SEGMENT_STEPS, long_tokens_then  # not after the long one's 200
+    assert long.completion_tokens == 200 and stats["continued"] >= 1 and stats["batches"] >= 2
+    assert long == alone[0][0]  # continued from its tokens so far: the same answer as uninterrupted
