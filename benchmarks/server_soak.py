@@ -9,9 +9,10 @@ Client kinds, each a few threads looping until the time is up:
 - disconnecting: half a body, then the socket closes;
 - slow: a request head sent in pieces slower than `--header-timeout`, and a body slower than `--body-timeout`.
 Reported: per kind, requests sent and those answered as they must be; normal latency p50/p99 in the storm and
-with the normal clients alone; the server's
-RSS and open file descriptors after a warm-up storm and after the measured one (each once idle); its log's
-size in bytes. A connection flood is not one of the kinds: past --max-connections it is answered 503.
+with the normal clients alone; the server's RSS and open file descriptors after a warm-up storm and after the
+measured one (each once idle; with `--rounds N` the measured storm runs N times, read after each, to see
+whether memory levels off); its log's size in bytes. A connection flood is not one of the kinds: past
+--max-connections it is answered 503.
 
     python -m benchmarks.server_soak --seconds 60 --out benchmarks/results/server-soak-cpu-tiny.json
 
@@ -237,8 +238,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def soak(model_dir: Path, seconds: float, work: Path, clients: dict[str, int], warm_up_s: float = 10.0) -> dict:
-    """Run the storm against a fresh `eardrum serve` of `model_dir`; returns the report."""
+def soak(model_dir: Path, seconds: float, work: Path, clients: dict[str, int], warm_up_s: float = 10.0,
+         rounds: int = 1) -> dict:
+    """Run the storm against a fresh `eardrum serve` of `model_dir`, `rounds` times in a row (the server's RSS
+    and fds read, idle, after each: whether memory levels off); returns the report."""
     port, log = _free_port(), work / "server.log"
     options = ["--model-name", MODEL, "--host", HOST, "--port", str(port), "--max-batch", "8",
                "--max-request-bytes", str(LIMITS["max_request_bytes"]),
@@ -268,9 +271,12 @@ def soak(model_dir: Path, seconds: float, work: Path, clients: dict[str, int], w
         before = _proc(process.pid)
         log_before = log.stat().st_size
         tally = Tally()
-        _storm(port, seconds, clients, clip, longest, too_long, tally)
-        time.sleep(LIMITS["header_timeout"] + 2.0)  # idle again: the last slow connections are closed
-        after = _proc(process.pid)
+        after_rounds = []
+        for _ in range(rounds):
+            _storm(port, seconds, clients, clip, longest, too_long, tally)
+            time.sleep(LIMITS["header_timeout"] + 2.0)  # idle again: the last slow connections are closed
+            after_rounds.append(_proc(process.pid))
+        after = after_rounds[-1]
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -289,7 +295,7 @@ def soak(model_dir: Path, seconds: float, work: Path, clients: dict[str, int], w
                               "count": len(tally.latencies)},
         "normal_latency_ms_alone": {"p50": alone_p50 and round(1000 * alone_p50, 1),
                                     "p99": alone_p99 and round(1000 * alone_p99, 1), "count": len(alone.latencies)},
-        "server_before": before, "server_after": after,
+        "rounds": rounds, "server_before": before, "server_after": after, "server_after_each_round": after_rounds,
         "log_bytes_during_storm": log.stat().st_size - log_before, "log_bytes": log.stat().st_size,
         "exit_code_on_sigterm": exit_code,
     }
@@ -318,8 +324,12 @@ def main() -> None:
     parser.add_argument("--warm-up", type=float, default=10.0, help="seconds of storm before the measured one "
                         "(default: 10)")
     parser.add_argument("--scale", type=int, default=1, help="client threads per kind, multiplied (default: 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="measured storms in a row, the server's RSS read "
+                        "after each (default: 1)")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
     clients = {kind: n * args.scale for kind, n in
                {"normal": 4, "streaming": 2, "longest": 1, "oversized": 2, "disconnecting": 2, "slow": 4}.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,7 +339,7 @@ def main() -> None:
             from eardrum.demo.smoke import run_smoke
 
             model = Path(run_smoke(work / "smoke", steps=20)["checkpoint"])
-        report = soak(model, args.seconds, work, clients, args.warm_up)
+        report = soak(model, args.seconds, work, clients, args.warm_up, args.rounds)
     report.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), model=str(args.model or
                   "tiny smoke checkpoint (eardrum.demo.smoke, 20 steps)"))
     text = json.dumps(report, indent=2)

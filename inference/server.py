@@ -12,7 +12,8 @@ names (`--cors-origin`); with none named, no page on another origin can read an 
 A request's body is read with a size limit on the event loop; its JSON is validated, its audio
 decoded and its prompt tokenized on a pool thread; then it is queued for the generation thread of
 `batch_engine`, which batches requests continuously (streaming ones included; a row joins a running
-batch within a few steps) and reports back through a queue the request's coroutine awaits. The event loop never waits on the model.
+batch within a few steps) and reports back through a queue the request's coroutine awaits. The event
+loop never waits on the model.
 
 The server never opens a file a client names: audio comes only as base64 `input_audio` data and is
 handed to the processor as decoded arrays; text parts stay text.

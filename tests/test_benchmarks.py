@@ -72,8 +72,8 @@ def test_count_probe_trains_a_probe_per_stack_and_reports_held_out_accuracy(tmp_
 
 def test_server_soak_reports_every_kind_of_client_and_the_servers_resources(tmp_path):
     out = tmp_path / "soak.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.server_soak", "--seconds", "3", "--warm-up", "1", "--out",
-                    str(out)], check=True, capture_output=True, timeout=600, cwd=BENCH.parent,
+    subprocess.run([sys.executable, "-m", "benchmarks.server_soak", "--seconds", "2", "--warm-up", "1", "--rounds",
+                    "2", "--out", str(out)], check=True, capture_output=True, timeout=600, cwd=BENCH.parent,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
     assert {"normal", "streaming", "longest", "oversized_body", "oversized_prompt", "disconnecting"} <= set(
@@ -81,4 +81,6 @@ def test_server_soak_reports_every_kind_of_client_and_the_servers_resources(tmp_
     assert report["normal_failures"] == 0 and report["normal_latency_ms"]["count"] > 0
     assert all(row["as_expected"] == row["sent"] for row in report["kinds"].values()), report["surprises"]
     assert report["server_after"]["open_fds"] <= report["server_before"]["open_fds"] + 2
+    assert len(report["server_after_each_round"]) == 2 and report["server_after_each_round"][-1] == report[
+        "server_after"]
     assert report["exit_code_on_sigterm"] == 0 and set(report["targets"]) >= {"log under 1 MB", "p99 < 10x p50"}
