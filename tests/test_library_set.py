@@ -1,0 +1,78 @@
+"""The library test set: facts and sounds planted at the times its questions name, each project once."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
+library_set = importlib.import_module("benchmarks.library_set")
+
+
+def fake_speak(texts, voice):
+    """A different tone per text, 0.02 s per character, louder for the second voice: timing can be checked."""
+    out = []
+    for text in texts:
+        t = np.arange(int(0.02 * len(text) * 16000)) / 16000
+        f = 200 + (sum(map(ord, text)) % 600)
+        out.append((0.1 * (1 + voice) * np.sin(2 * np.pi * f * t)).astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("set")
+    sounds = {"dog": np.full(8000, 0.25, np.float32)}
+    alarm = np.full(4000, -0.25, np.float32)
+    filler = [f"Sentence number {i} about nothing much." for i in range(40)]
+    card = library_set.build_library_set(out, fake_speak, [0, 1], filler, sounds, alarm, recordings=3,
+                                         minutes=(0.3, 0.5), facts_per_recording=2, unanswerable_count=4, seed=3)
+    rows = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
+    return out, card, rows, {**sounds, "alarm": alarm}
+
+
+def _heard(out: Path, row: dict, samples: int) -> np.ndarray:
+    wave, rate = sf.read(out / row["file"], dtype="float32")
+    assert rate == 16000 and row["end"] <= len(wave) / rate + 1e-3
+    first = int(round(row["start"] * rate))
+    return wave[first : first + samples]
+
+
+def test_every_fact_and_sound_is_heard_where_its_question_says(built):
+    out, card, rows, sounds = built
+    facts = [r for r in rows if r["kind"] in library_set.FACTS]
+    assert len(facts) == 6 and card["questions"]["none"] == 4 and card["recordings"] == 3
+    for row in facts:
+        assert any(a.lower() in row["said"].lower() for a in row["answers"][:1])  # the answer is what is said
+        spoken = [fake_speak([row["said"]], v)[0][:800] for v in (0, 1)]
+        assert any(np.allclose(_heard(out, row, 800), s, atol=1e-3) for s in spoken), row
+    for row in (r for r in rows if r["kind"] in library_set.SOUNDS):
+        clip = sounds[row["voice"]]
+        assert np.allclose(_heard(out, row, len(clip)), clip, atol=1e-3), row
+    assert {r["voice"] for r in rows if r["kind"] in library_set.SOUNDS} == {"dog", "alarm"}
+
+
+def test_each_project_is_named_once_and_unanswerable_questions_name_none_of_them(built):
+    out, card, rows, _ = built
+    facts = [r for r in rows if r["kind"] in library_set.FACTS]
+    named = [next(w for w in r["said"].lower().rstrip(".").split() if w in library_set.PROJECTS) for r in facts]
+    assert len(set(named)) == len(named)
+    for row in (r for r in rows if r["kind"] == "none"):
+        asked = [w for w in row["question"].lower().rstrip("?").split() if w in library_set.PROJECTS]
+        assert len(asked) == 1 and asked[0] not in named and row["file"] is None
+
+
+def test_bad_settings_and_filler_naming_a_project_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="names a project code word"):
+        library_set.build_library_set(tmp_path, fake_speak, [0], ["The falcon flew."], {}, np.zeros(10, np.float32),
+                                      recordings=1, minutes=(0.1, 0.1))
+    with pytest.raises(ValueError, match="recordings=0"):
+        library_set.build_library_set(tmp_path, fake_speak, [0], ["Hi."], {}, np.zeros(10, np.float32), recordings=0)
