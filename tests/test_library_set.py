@@ -76,3 +76,55 @@ def test_bad_settings_and_filler_naming_a_project_are_refused(tmp_path):
                                       recordings=1, minutes=(0.1, 0.1))
     with pytest.raises(ValueError, match="recordings=0"):
         library_set.build_library_set(tmp_path, fake_speak, [0], ["Hi."], {}, np.zeros(10, np.float32), recordings=0)
+
+
+library_bench = importlib.import_module("benchmarks.library_bench")
+
+
+def test_library_cut_to_its_first_hours_and_padded_with_synthetic_hours(built, tmp_path):
+    from eardrum.inference.library import AudioLibrary
+
+    out, _, rows, _ = built
+    with AudioLibrary(tmp_path / "lib.sqlite") as lib:
+        lib.index([out / "recordings"], lambda waves: [f"window of {len(w)} samples" for w in waves], describer="x")
+        hours = lib.stats()["hours"]
+    kept = library_bench.cut_library(tmp_path / "lib.sqlite", tmp_path / "cut.sqlite", hours * 0.7)
+    with AudioLibrary(tmp_path / "cut.sqlite") as cut:
+        assert 0 < kept < hours * 0.7 and kept == pytest.approx(cut.stats()["hours"]) and cut.stats()["files"] < 3
+    added = library_bench.pad_library(tmp_path / "lib.sqlite", tmp_path / "pad.sqlite", 3.0)
+    with AudioLibrary(tmp_path / "pad.sqlite") as padded:
+        assert added == 3 * library_bench.HOP_WINDOWS_PER_HOUR and padded.stats()["hours"] == pytest.approx(
+            hours + 3)
+        assert padded.search("window samples", k=5)  # the synthetic windows are searchable like real ones
+    row = next(r for r in rows if r["file"])
+    middle = (row["start"] + row["end"]) / 2
+    assert library_bench.right_window(row, f"/elsewhere/{Path(row['file']).name}", middle - 1, middle + 1)
+    assert not library_bench.right_window(row, row["file"], middle + 0.1, middle + 5)
+    assert library_bench.is_refusal("I cannot find that in the recordings.") and not library_bench.is_refusal("March")
+
+
+def test_library_bench_reports_every_measure_on_a_tiny_model(built, tmp_path):
+    import os
+    import subprocess
+
+    from eardrum.demo.smoke import run_smoke
+
+    out, _, _, _ = built
+    checkpoint = run_smoke(tmp_path / "smoke", steps=2)["checkpoint"]
+    report_path = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.library_bench", "--set", str(out), "--model", str(checkpoint),
+                    "--work", str(tmp_path / "work"), "--simulate-hours", "2", "--repeats", "1", "--out",
+                    str(report_path)], check=True, capture_output=True, timeout=600, cwd=ROOT,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    report = json.loads(report_path.read_text())
+    assert report["index"]["windows"] > 0 and report["index"]["audio_hours_per_hour"] > 0
+    for group in ("speech", "sounds"):
+        assert 0 <= report["retrieval"][group]["recall@1"] <= report["retrieval"][group]["recall@5"] <= 1
+    assert report["answers"]["questions"] == 6 and report["unanswerable"]["questions"] == 4
+    assert 0 <= report["unanswerable"]["invented_rate"] <= 1
+    latency = report["latency_ms"]
+    # a random model's window texts rarely share a word with a question; a question that finds nothing is
+    # answered without the model, so it is not timed (None when no question finds a window)
+    assert latency["one_window_directly"] > 0 and (latency["library"] is None or latency["library"] > 0)
+    assert len(latency["library_by_size"]) == 1
+    assert latency["synthetic_windows_added"] == library_bench.HOP_WINDOWS_PER_HOUR * 2
