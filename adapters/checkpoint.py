@@ -69,7 +69,8 @@ def build_audio_llm(
                 f"transcript_hint needs a Whisper encoder with its decoder; {config.encoder} is a "
                 f"{encoder.spec.kind} encoder. Set transcript_hint: false, or use a Whisper encoder"
             )
-        model.transcriber = build_transcriber(speech_model, feature_extractor, config.transcript_language).eval()
+        model.transcriber = build_transcriber(speech_model, feature_extractor, config.transcript_language,
+                                              config.transcript_no_speech).eval()
         processor.transcriber = model.transcriber
     counts = model.trainable_summary()
     logger.info(

@@ -41,6 +41,9 @@ class AudioLLMConfig:
     trust_remote_code: bool = False
     transcript_hint: bool = False  # Whisper only: its decoder's transcript follows each window's tokens (transcribe.py)
     transcript_language: str | None = None  # the hint's language for a multilingual Whisper ("en"); None: detected
+    # A window whose no-speech probability (Whisper's own, read before its first word) is above this gets the
+    # hint "nothing" instead of what the decoder invents for silence and noise ("you"); None: every window decoded
+    transcript_no_speech: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.projector, dict):
@@ -70,6 +73,11 @@ class AudioLLMConfig:
         if language is not None and not (isinstance(language, str) and language.strip() and self.transcript_hint):
             out.append(f"transcript_language: expected a language such as 'en' for the transcript hints (with "
                        f"transcript_hint: true), or null, got {language!r}")
+        gate = self.transcript_no_speech
+        if gate is not None and not (isinstance(gate, (int, float)) and not isinstance(gate, bool) and 0 < gate < 1
+                                     and self.transcript_hint):
+            out.append(f"transcript_no_speech: expected a probability between 0 and 1 (with transcript_hint: true), "
+                       f"or null, got {gate!r}")
         if self.label_mode not in LABEL_MODES:
             out.append(f"label_mode: expected one of {', '.join(LABEL_MODES)}, got {self.label_mode!r}")
         try:

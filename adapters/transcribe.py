@@ -34,6 +34,7 @@ HINT_FORMAT = "\n[speech recognised: {text}]"  # written after each window's aud
 WINDOW_SAMPLES = 30 * SAMPLING_RATE  # Whisper's window: the feature extractor would cut anything longer
 MEMORY_WINDOWS = 1024  # transcripts kept in memory without a cache file (a few hundred KB at most)
 HINT_NONE = "nothing"  # the text in HINT_FORMAT when Whisper's decoder writes no word
+NO_SPEECH_TOKENS = ("<|nospeech|>", "<|nocaptions|>")  # Whisper's no-speech token, by vocabulary
 
 
 class TranscriberError(ValueError):
@@ -58,7 +59,8 @@ class WhisperTranscriber(nn.Module):
     """
 
     def __init__(self, whisper: nn.Module, feature_extractor, tokenizer, max_new_tokens: int = HINT_MAX_TOKENS,
-                 batch_size: int = HINT_BATCH_SIZE, language: str | None = None) -> None:
+                 batch_size: int = HINT_BATCH_SIZE, language: str | None = None,
+                 no_speech_threshold: float | None = None) -> None:
         super().__init__()
         if not hasattr(whisper, "generate") or not hasattr(whisper, "get_decoder"):
             raise TranscriberError(
@@ -79,6 +81,14 @@ class WhisperTranscriber(nn.Module):
         if language is not None and not multilingual and language.lower() not in ("en", "english"):
             raise TranscriberError(f"transcript_language={language!r}: this Whisper is English-only; use 'en' or null")
         self.decode_options = {"language": language, "task": "transcribe"} if multilingual and language else {}
+        # Whisper's no-speech token ("<|nospeech|>", "<|nocaptions|>" in older vocabularies): its probability at the
+        # first decoding step is Whisper's own measure of whether anyone speaks; above the threshold, no transcript.
+        vocab = tokenizer.get_vocab()
+        self.no_speech_ids = [vocab[t] for t in NO_SPEECH_TOKENS if t in vocab]
+        if no_speech_threshold is not None and not self.no_speech_ids:
+            raise TranscriberError(f"transcript_no_speech={no_speech_threshold}: this Whisper's vocabulary has no "
+                                   f"no-speech token ({' or '.join(NO_SPEECH_TOKENS)}); set it to null")
+        self.no_speech_threshold = no_speech_threshold
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: decode under autocast (faster on bf16 hardware)
         # Transcripts by window key: every one decoded with a file attached, else the latest MEMORY_WINDOWS
         # (a server's request thread and its generation thread render the same windows: decoded once).
@@ -95,6 +105,8 @@ class WhisperTranscriber(nn.Module):
         settings = {"format": 1, "max_new_tokens": self.max_new_tokens}
         if self.decode_options:  # absent for the settings that had no choice, so their caches stay valid
             settings["decode_options"] = self.decode_options
+        if self.no_speech_threshold is not None:  # likewise
+            settings["no_speech_threshold"] = self.no_speech_threshold
         digest = hashlib.sha256(json.dumps(settings).encode())
         for name, t in sorted(self.whisper.state_dict().items()):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -156,15 +168,39 @@ class WhisperTranscriber(nn.Module):
         ).input_features.to(device=params.device, dtype=params.dtype)  # (B, n_mels, 3000)
         dtype = self.autocast or torch.float32
         with torch.autocast(params.device.type, dtype=dtype, enabled=self.autocast is not None):
-            ids = self.whisper.generate(features, max_new_tokens=self.max_new_tokens, **self.decode_options)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            if self.no_speech_threshold is None:
+                ids = self.whisper.generate(features, max_new_tokens=self.max_new_tokens, **self.decode_options)
+                return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            encoded = self.whisper.get_encoder()(features)  # (B, 1500, D): once, for the gate and the decoding
+            speech = (self.no_speech_probability(encoded) <= self.no_speech_threshold).tolist()  # (B,)
+            texts = [""] * len(waves)
+            kept = [i for i, s in enumerate(speech) if s]
+            if kept:
+                encoded.last_hidden_state = encoded.last_hidden_state[kept]
+                ids = self.whisper.generate(encoder_outputs=encoded, max_new_tokens=self.max_new_tokens,
+                                            **self.decode_options)
+                for i, text in zip(kept, self.tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                    texts[i] = text.strip()
+        return texts
+
+    @torch.no_grad()
+    def no_speech_probability(self, encoded) -> torch.Tensor:
+        """Whisper's encoder output for B windows -> (B,) the probability of its no-speech token at the first
+        decoding step (after the start-of-transcript token), as Whisper itself reads it."""
+        hidden = encoded.last_hidden_state  # (B, 1500, D)
+        start = torch.full((hidden.shape[0], 1), self.whisper.config.decoder_start_token_id, device=hidden.device)
+        logits = self.whisper(encoder_outputs=encoded, decoder_input_ids=start).logits[:, 0]  # (B, V)
+        return torch.softmax(logits.float(), dim=-1)[:, self.no_speech_ids].sum(dim=-1)
 
 
-def build_transcriber(whisper: nn.Module, feature_extractor, language: str | None = None) -> WhisperTranscriber:
+def build_transcriber(whisper: nn.Module, feature_extractor, language: str | None = None,
+                      no_speech_threshold: float | None = None) -> WhisperTranscriber:
     """A transcriber over a Whisper loaded by `sources.load_speech_model`, with the tokenizer read from the
-    folder (or hub id) the model itself was loaded from (`whisper.name_or_path`); `language` as in
-    `WhisperTranscriber` (a multilingual Whisper's transcript language, None: detected)."""
+    folder (or hub id) the model itself was loaded from (`whisper.name_or_path`); `language` and
+    `no_speech_threshold` as in `WhisperTranscriber` (`AudioLLMConfig.transcript_language`,
+    `.transcript_no_speech`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(whisper.name_or_path)
-    return WhisperTranscriber(whisper, feature_extractor, tokenizer, language=language)
+    return WhisperTranscriber(whisper, feature_extractor, tokenizer, language=language,
+                              no_speech_threshold=no_speech_threshold)

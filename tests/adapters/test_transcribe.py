@@ -207,3 +207,42 @@ def test_a_multilingual_whisper_transcribes_in_the_language_asked_and_an_english
     assert fixed.fingerprint() != detected.fingerprint() == english.fingerprint()  # other words, other cache
     with pytest.raises(ConfigError, match="transcript_language"):
         AudioLLMConfig(encoder="e", llm="l", transcript_language="en").validate()  # no hints to set it for
+
+
+def test_windows_whisper_hears_no_speech_in_get_no_transcript_and_the_others_the_same_one(monkeypatch):
+    whisper = __import__("conftest").tiny_whisper()
+    tokenizer = build_tokenizer("chatml")
+    with pytest.raises(TranscriberError, match="no no-speech token"):
+        WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, no_speech_threshold=0.6)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|nocaptions|>"]})
+    plain = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, max_new_tokens=4)
+    gated = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, max_new_tokens=4,
+                               no_speech_threshold=0.6)
+    assert gated.fingerprint() != plain.fingerprint()  # other transcripts, other cache file
+    a, b, c = wave(0.5, 1), wave(0.6, 2), wave(0.7, 3)
+    monkeypatch.setattr(gated, "no_speech_probability", lambda encoded: torch.tensor([0.9, 0.2, 0.61]))
+    decoded = []
+    real = whisper.generate
+    monkeypatch.setattr(whisper, "generate",
+                        lambda *a, **k: decoded.append(len(k["encoder_outputs"].last_hidden_state)) or real(*a, **k))
+    texts = gated._decode([a, b, c])
+    assert texts[0] == texts[2] == "" and decoded == [1]  # only the window with speech is decoded
+    monkeypatch.setattr(whisper, "generate", real)
+    assert texts[1] == plain._decode([b])[0]  # decoding from the encoder's output once gives the same words
+    # the probability itself: softmax at the first step after the start token, summed over the no-speech ids
+    gated = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, no_speech_threshold=0.6)
+    gated.no_speech_ids = [3, 5]
+    features = whisper_feature_extractor()([a], sampling_rate=16000, return_tensors="pt").input_features
+    encoded = whisper.get_encoder()(features)
+    start = torch.full((1, 1), whisper.config.decoder_start_token_id)
+    probs = torch.softmax(whisper(encoder_outputs=encoded, decoder_input_ids=start).logits[0, 0], -1)
+    assert torch.allclose(gated.no_speech_probability(encoded), probs[[3, 5]].sum(), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, "high", True])
+def test_transcript_no_speech_must_be_a_probability_with_hints(value):
+    with pytest.raises(ConfigError, match="transcript_no_speech"):
+        AudioLLMConfig(encoder="e", llm="l", transcript_hint=True, transcript_no_speech=value).validate()
+    with pytest.raises(ConfigError, match="transcript_no_speech"):
+        AudioLLMConfig(encoder="e", llm="l", transcript_no_speech=0.6).validate()  # no hints to gate
+    AudioLLMConfig(encoder="e", llm="l", transcript_hint=True, transcript_no_speech=0.6).validate()
