@@ -1,0 +1,112 @@
+"""The no-speech gate on transcript hints, measured on a trained hinted model (e.g. the demo's): the same
+checkpoint evaluated with every window's hint decoded, and with windows whose Whisper no-speech probability is
+above a threshold hinted "nothing" (`model.transcript_no_speech`).
+
+    python benchmarks/no_speech_gate.py --model runs/demo/stage2/final --data ~/.cache/eardrum/demo-data/demo-KEY \\
+        --threshold 0.6 --out benchmarks/results/no-speech-gate-cpu-demo.json
+
+Reported for each setting: invented transcripts on the demo's clips without speech (overall and per kind), WER
+on its held-out speech and on held-out spoken questions asked to be transcribed, and WER on the real-speech set
+(`eardrum.demo.real_speech`, where it can be had); Whisper's no-speech probability on each set's clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_size: int = 32) -> dict:
+    """Evaluate `model_dir` on the demo data in `data` without the gate and with it at `threshold`."""
+    import numpy as np
+    import torch
+
+    from eardrum.adapters.audio import load_audio
+    from eardrum.adapters.placement import load_placed
+    from eardrum.adapters.sources import default_cache_dir
+    from eardrum.adapters.transcribe import WhisperTranscriber
+    from eardrum.demo.real_speech import evaluate_real_speech
+    from eardrum.demo.run import _eardrum_wer, no_speech_scores
+    from eardrum.inference.evaluation import evaluate_manifest
+    from eardrum.training.setup import prepare_transcriber
+
+    loaded = load_placed(model_dir)
+    model = loaded[0]
+    transcriber = getattr(model, "transcriber", None)
+    if transcriber is None:
+        raise SystemExit(f"{model_dir}: no transcript hints here (model.transcript_hint); nothing to gate")
+    if not transcriber.no_speech_ids:
+        raise SystemExit(f"{model_dir}: its Whisper has no no-speech token")
+    report: dict = {"model": str(model_dir), "data": str(data), "threshold": threshold, "settings": {}}
+    sets = {"nospeech": "nospeech_test.jsonl", "asr": "asr_test.jsonl", "questions_asr": "questions_asr_test.jsonl"}
+    # Whisper's no-speech probability per clip of each set (what the gate reads)
+    probabilities = {}
+    for name, file in sets.items():
+        lines = [json.loads(x) for x in (data / file).read_text().splitlines() if x.strip()]
+        values = []
+        for first in range(0, len(lines), 8):
+            waves = [load_audio(data / line["audio"]) for line in lines[first : first + 8]]
+            features = transcriber.feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+            with torch.no_grad():
+                encoded = transcriber.whisper.get_encoder()(features.to(next(transcriber.whisper.parameters())))
+                values += transcriber.no_speech_probability(encoded).tolist()
+        probabilities[name] = {"clips": len(values), "median": round(statistics.median(values), 3),
+                               "max": round(max(values), 3), "min": round(min(values), 3),
+                               "above_threshold": int(np.sum(np.array(values) > threshold))}
+    report["no_speech_probability"] = probabilities
+    for label, gate in (("every window decoded", None), (f"no-speech gate {threshold}", threshold)):
+        # a transcriber of its own for each setting (its transcripts and cache file are its own)
+        heard = WhisperTranscriber(transcriber.whisper, transcriber.feature_extractor, transcriber.tokenizer,
+                                   max_new_tokens=transcriber.max_new_tokens, batch_size=transcriber.batch_size,
+                                   language=transcriber.decode_options.get("language"), no_speech_threshold=gate)
+        model.transcriber = loaded[1].transcriber = heard
+        prepare_transcriber(heard, default_cache_dir() / "features", "auto")
+        started = time.perf_counter()
+        out = work / (label.replace(" ", "-"))
+        row = {}
+        for name, file in sets.items():
+            evaluate_manifest(loaded, data / file, "asr", batch_size=batch_size, out_dir=out / name, progress=False)
+        row["no_speech"] = no_speech_scores(out / "nospeech", data / "nospeech_test.jsonl")
+        row["asr_wer"] = round(_eardrum_wer(out / "asr"), 4)
+        row["questions_asr_wer"] = round(_eardrum_wer(out / "questions_asr"), 4)
+        try:
+            real = evaluate_real_speech(loaded, heard, out / "real_speech")
+            real.pop("examples", None)
+            row["real_speech"] = real
+        except (OSError, RuntimeError) as error:
+            row["real_speech"] = f"not measured: {error}"
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        report["settings"][label] = row
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a hinted checkpoint folder")
+    parser.add_argument("--data", type=Path, required=True, help="a demo data build (demo-data/demo-KEY)")
+    parser.add_argument("--threshold", type=float, default=0.6)
+    parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    args = parser.parse_args()
+    if not 0 < args.threshold < 1:
+        parser.error(f"--threshold: expected a probability between 0 and 1, got {args.threshold}")
+    if not (args.data / "nospeech_test.jsonl").is_file():
+        parser.error(f"--data {args.data}: no nospeech_test.jsonl there; expected a demo data build")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = measure(args.model, args.data, args.threshold, Path(tmp))
+    report.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), command=" ".join(sys.argv))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
