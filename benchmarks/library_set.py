@@ -72,7 +72,7 @@ class Planted:
     start: float  # seconds
     end: float
     said: str | None  # the sentence spoken there (None for a sound)
-    voice: str  # who said it, or the sound's label
+    source: str  # the voice that said it, or the sound's label
 
 
 class _Tape:
@@ -117,7 +117,7 @@ def unanswerable(projects: Sequence[str], count: int, seed: int) -> list[dict]:
     rng.shuffle(unused)
     kinds = list(FACTS)
     return [{"kind": "none", "question": FACTS[kinds[i % len(kinds)]][1].format(p=p), "answers": [], "file": None,
-             "start": None, "end": None, "said": None, "voice": None} for i, p in enumerate(unused[:count])]
+             "start": None, "end": None, "said": None, "source": None} for i, p in enumerate(unused[:count])]
 
 
 def build_library_set(
@@ -170,10 +170,12 @@ def build_library_set(
     rng.shuffle(filler_pool)
     next_filler = 0
     total = 0.0
+    used: set[str] = set()  # the voices the recordings speak in
     for r in range(recordings):
         name = f"recordings/recording-{r:02d}.wav"
         target = rng.uniform(*minutes) * 60
         voice_pair = rng.sample(list(voices), min(2, len(voices)))
+        used.update(getattr(v, "key", str(v)) for v in voice_pair)
         mine = facts[r * facts_per_recording : (r + 1) * facts_per_recording]
         # the facts at random points of the recording (as shares of its length), sounds likewise
         fact_at = sorted(rng.uniform(0.05, 0.95) for _ in mine)
@@ -214,7 +216,7 @@ def build_library_set(
     card = {"version": SET_VERSION, "seed": seed, "recordings": recordings, "hours": round(total / 3600, 3),
             "questions": {kind: sum(row["kind"] == kind for row in rows) for kind in dict.fromkeys(
                 row["kind"] for row in rows)},
-            "voices": sorted({getattr(v, "key", str(v)) for v in voices})}
+            "voices": sorted(used)}
     (out / "meta.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
 

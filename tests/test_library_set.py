@@ -55,9 +55,9 @@ def test_every_fact_and_sound_is_heard_where_its_question_says(built):
         spoken = [fake_speak([row["said"]], v)[0][:800] for v in (0, 1)]
         assert any(np.allclose(_heard(out, row, 800), s, atol=1e-3) for s in spoken), row
     for row in (r for r in rows if r["kind"] in library_set.SOUNDS):
-        clip = sounds[row["voice"]]
+        clip = sounds[row["source"]]
         assert np.allclose(_heard(out, row, len(clip)), clip, atol=1e-3), row
-    assert {r["voice"] for r in rows if r["kind"] in library_set.SOUNDS} == {"dog", "alarm"}
+    assert {r["source"] for r in rows if r["kind"] in library_set.SOUNDS} == {"dog", "alarm"}
 
 
 def test_each_project_is_named_once_and_unanswerable_questions_name_none_of_them(built):
