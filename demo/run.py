@@ -103,9 +103,12 @@ def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: 
     from eardrum.adapters.sources import load_speech_model
     from eardrum.adapters.transcribe import build_transcriber
     from eardrum.training.distill import filter_by_hint
+    from eardrum.training.recipe import load_recipe
     from eardrum.training.setup import prepare_transcriber
 
-    transcriber = build_transcriber(*load_speech_model(str(whisper_source)), language=LANGUAGE)
+    gate = load_recipe("demo").model.transcript_no_speech  # the hints stage 1 reads, no-speech gate included
+    transcriber = build_transcriber(*load_speech_model(str(whisper_source)), language=LANGUAGE,
+                                    no_speech_threshold=gate)
     prepare_transcriber(transcriber, features, "auto")  # the same transcripts the trainer reads
     summary = filter_by_hint(transcriber, manifest, out, max_wer=HINT_MAX_WER, normalise=spell_digits)
     say(f"transcription lines whose Whisper transcript is within {HINT_MAX_WER:.0%} WER of the text: "
