@@ -336,6 +336,7 @@ class GenerationEngine:
         self._counts["continued"] += len(going_on)
         return going_on
 
+    @torch.no_grad()
     def _generate(self, rows: list[_Row]) -> None:
         embedding = self.model.llm.get_input_embeddings()
         contexts = [row.context(embedding) for row in rows]  # (T_i, D_llm) each
