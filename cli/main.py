@@ -53,7 +53,8 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError("--readme writes the table of finished runs: give them with --report RUN [RUN ...]")
     from eardrum.demo.run import run_demo
 
-    run_demo(args.out, quick=args.quick, assets_dir=args.assets, whisper=args.whisper, seed=args.seed)
+    run_demo(args.out, quick=args.quick, assets_dir=args.assets, whisper=args.whisper, seed=args.seed,
+             resume=args.resume)
     return 0
 
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--whisper", default="tiny.en", choices=["tiny.en", "base"])
     demo.add_argument("--seed", type=seed_type(MAX_TRAIN_SEED, "2**32 - 1"), default=0,
                       help="seeds the data and the training")
+    demo.add_argument("--resume", action="store_true", help="go on with a run stopped in --out: finished stages "
+                      "are kept, a stage with checkpoints resumes from its latest")
     demo.add_argument("--report", nargs="+", metavar="RUN",
                       help="train nothing: the table of finished runs (run folders or results.json), mean and each")
     demo.add_argument("--readme", metavar="README", help="with --report: write the table into this README")

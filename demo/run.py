@@ -48,6 +48,18 @@ def _train(name: str, overrides: list[str], say) -> Path:
     return Path(recipe.output_dir) / "final"
 
 
+def _stage(name: str, folder: Path, overrides: list[str], resume: bool, say) -> Path:
+    """Train recipe `name` into `folder` and return its `final/`. A fresh demo replaces an earlier run there
+    (`train.overwrite=true`); with `resume`, a finished stage is kept and one with checkpoints goes on."""
+    if resume and (folder / "final").is_dir():
+        say(f"training {name}: kept, {folder / 'final'} is there (--resume)")
+        return folder / "final"
+    checkpoints = folder / "checkpoints"
+    start = ("train.resume_from=latest" if resume and checkpoints.is_dir() and any(checkpoints.iterdir())
+             else "train.overwrite=true")
+    return _train(name, [*overrides, f"output_dir={folder}", start], say)
+
+
 def spell_digits(text: str) -> str:
     """"23 apples" -> "twenty three apples": the demo's texts spell numbers, Whisper's decoder writes digits."""
     import re
@@ -213,8 +225,13 @@ def no_speech_scores(eval_dir: Path, manifest: Path) -> dict:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
-             whisper: str = "tiny.en", seed: int = 0, say=print) -> dict:
-    """Run the whole demo; returns the results (also written to `out_dir/results.json`)."""
+             whisper: str = "tiny.en", seed: int = 0, resume: bool = False, say=print) -> dict:
+    """Run the whole demo; returns the results (also written to `out_dir/results.json`).
+
+    With `resume`, a run that was stopped in `out_dir` goes on: a stage whose `final/` is there is not trained
+    again, a stage with checkpoints resumes from its latest (`train.resume_from=latest`), the distillation keeps
+    the answers it wrote; the rest (data from its cache, evaluation) runs as usual. Its results say
+    `"resumed": true`, and their `seconds` count this run only."""
     from eardrum.adapters.placement import load_placed
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.demo.assets import fetch_assets
@@ -236,9 +253,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     say(format_data_card(_data_card(data)))
     lap("data")
     features = default_cache_dir() / "features"  # encoder frames and Whisper's transcripts, for every stage
-    # each `eardrum demo` is a fresh run: it replaces an earlier one in the same --out folder
+    # each `eardrum demo` is a fresh run: it replaces an earlier one in the same --out folder (unless resumed)
     common = [f"model.encoder={assets.whisper}", f"model.llm={assets.llm}", f"train.seed={seed}",
-              "train.overwrite=true", f"cache.dir={features}"]
+              f"cache.dir={features}"]
     if whisper != "tiny.en":  # a multilingual Whisper: its transcript hints in the demo's language
         common.append(f"model.transcript_language={LANGUAGE}")
     steps = ["train.max_steps=40"] if quick else []
@@ -247,8 +264,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         asr_train = _hint_consistent(assets.whisper, features, asr_train, out / "asr_train.hinted.jsonl", say)
         lap("hint_filter")
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
-    stage1 = _train("demo", [*common, *steps, f"output_dir={out / 'stage1'}", *_paths(asr_train,
-                                                                                        data["caption_train"])], say)
+    stage1 = _stage("demo", out / "stage1", [*common, *steps, *_paths(asr_train, data["caption_train"])], resume, say)
     lap("stage1")
     model, processor = load_placed(stage1)  # placed as `eardrum chat` places it: the GPU when there is one
     prepare_transcriber(model.transcriber, features, "auto")  # the transcripts stage 1 decoded
@@ -268,9 +284,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         "qa", text_only=True, batch_size=EVAL_BATCH_SIZE, out_dir=out / "eval" / "qa_cascade", progress=False)
     lap("eval_qa_cascade")
     del model
-    final = _train("demo_stage2", [*common, *steps, f"output_dir={out / 'stage2'}", f"train.init_from={stage1}",
-                                   *_paths(distilled, data["caption_train"], asr_train, data["chat_train"])],
-                   say)
+    final = _stage("demo_stage2", out / "stage2", [*common, *steps, f"train.init_from={stage1}",
+                                                   *_paths(distilled, data["caption_train"], asr_train,
+                                                           data["chat_train"])], resume, say)
     lap("stage2")
     say("evaluating on held-out data")
     loaded = load_placed(final)
@@ -315,7 +331,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         "qa_by_voice": per_voice_qa(out / "eval" / "qa", data["qa_test"]),
         "real_speech": real_speech,
         "data": _data_card(data),
-        "quick": quick, "whisper": whisper, "seed": seed,
+        "quick": quick, "whisper": whisper, "seed": seed, "resumed": resume,
         "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
     }
     table = format_results(results)

@@ -160,3 +160,28 @@ def test_cascade_manifest_puts_whispers_transcript_in_place_of_the_true_one(tmp_
     assert [r["transcript"] for r in rows] == ["What is the capital of Fronts?", "How many legs has a spider?"]
     assert [r["answers"] for r in rows] == [["Paris"], ["eight"]]
     assert rows[0]["audio"] == str((tmp_path / "q0.wav").resolve())
+
+
+def test_a_resumed_demo_keeps_finished_stages_and_resumes_one_with_checkpoints(tmp_path, monkeypatch):
+    import eardrum.demo.run as run
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(run, "_train", lambda name, overrides, say: started.append(overrides) or tmp_path / "x")
+    done, half, empty = tmp_path / "done", tmp_path / "half", tmp_path / "empty"
+    (done / "final").mkdir(parents=True)
+    (half / "checkpoints" / "step-00000200").mkdir(parents=True)
+    assert run._stage("demo", done, ["a=1"], True, print) == done / "final" and not started  # kept
+    run._stage("demo", half, ["a=1"], True, print)
+    run._stage("demo", empty, ["a=1"], True, print)
+    run._stage("demo", done, ["a=1"], False, print)  # a fresh demo replaces a finished stage
+    assert [o[-1] for o in started] == ["train.resume_from=latest", "train.overwrite=true", "train.overwrite=true"]
+    assert all(o[:2] == ["a=1", f"output_dir={f}"] for o, f in zip(started, (half, empty, done)))
+
+
+def test_a_resumed_run_reports_no_whole_run_time():
+    def whole_run(results):
+        line = next(x for x in format_results(results).splitlines() if "whole run" in x)
+        return [cell.strip() for cell in line.split("|")][2]
+
+    assert whole_run({"seconds": 600.0, "resumed": True}) == "n/a"  # it timed only the part it ran
+    assert whole_run({"seconds": 600.0, "resumed": False}) == whole_run({"seconds": 600.0}) == "10.0 min"
