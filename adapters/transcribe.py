@@ -160,14 +160,29 @@ class WhisperTranscriber(nn.Module):
             self._known.popitem(last=False)
         return [texts[k] for k in keys]
 
+    def _features(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """N waves -> (N, n_mels, 3000) log-mel features, each padded to its 30 s window as Whisper was trained,
+        on the model's device and in its dtype."""
+        params = next(self.whisper.parameters())
+        return self.feature_extractor(
+            [np.asarray(w, dtype=np.float32) for w in waves], sampling_rate=SAMPLING_RATE, return_tensors="pt"
+        ).input_features.to(device=params.device, dtype=params.dtype)
+
+    def _autocast(self):
+        """The autocast context decoding runs in (`self.autocast`, or none)."""
+        device = next(self.whisper.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+    @torch.no_grad()
+    def no_speech_probabilities(self, waves: list[np.ndarray]) -> list[float]:
+        """N waves (at most 30 s each) -> Whisper's no-speech probability of each (what the gate reads)."""
+        with self._autocast():
+            return self.no_speech_probability(self.whisper.get_encoder()(self._features(waves))).tolist()
+
     def _decode(self, waves: list[np.ndarray]) -> list[str]:
         """Whisper's greedy decode of each wave, padded to its 30 s window as Whisper was trained."""
-        params = next(self.whisper.parameters())
-        features = self.feature_extractor(
-            [np.asarray(w, dtype=np.float32) for w in waves], sampling_rate=SAMPLING_RATE, return_tensors="pt"
-        ).input_features.to(device=params.device, dtype=params.dtype)  # (B, n_mels, 3000)
-        dtype = self.autocast or torch.float32
-        with torch.autocast(params.device.type, dtype=dtype, enabled=self.autocast is not None):
+        features = self._features(waves)  # (B, n_mels, 3000)
+        with self._autocast():
             if self.no_speech_threshold is None:
                 ids = self.whisper.generate(features, max_new_tokens=self.max_new_tokens, **self.decode_options)
                 return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import shutil
 import sqlite3
@@ -34,6 +32,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from .report_io import emit, machine
 
 REFUSALS = ("cannot", "can't", "can not", "not mentioned", "no information", "does not say", "doesn't say",
             "no mention", "nothing in the library", "not in the recordings", "don't know", "do not know",
@@ -100,8 +100,6 @@ def pad_library(source: Path, target: Path, hours: float, seed: int = 0) -> int:
 def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float = 1000.0, repeats: int = 5,
             limit: int | None = None) -> dict:
     """Index `set_dir`'s recordings with the model in `model_dir` (into `work`) and measure (see the module)."""
-    import numpy as np
-
     from eardrum.adapters.placement import load_placed
     from eardrum.common.decoding import answer_conversations
     from eardrum.common.generation import GenerationSettings
@@ -110,7 +108,6 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     from eardrum.inference.library import (
         LIBRARY_WINDOWS,
         AudioLibrary,
-        find_windows,
         model_describer,
         read_span,
     )
@@ -159,10 +156,10 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     for row in speech:
         chat = AudioChat(model, processor, settings)
         from_library.append(chat.ask(row["question"], library=library))
-        cited.append(any(right_window(row, h.path, h.start, h.end) for h in chat.last_sources))
+        hits = chat.last_sources  # the windows that answer heard: the cascade reads their text instead
+        cited.append(any(right_window(row, h.path, h.start, h.end) for h in hits))
         path, start, end = window_of(row)
         ceiling.append(chat.answer((read_span(path, start, end), 16000), row["question"]))
-        hits = find_windows(library, row["question"], k=LIBRARY_WINDOWS)
         notes = "\n".join(f"[{Path(h.path).name} {h.start:.0f}-{h.end:.0f} s] {h.text}" for h in hits)
         prompt = f"Transcripts of recordings:\n{notes}\n\nAnswer from the transcripts: {row['question']}"
         cascade.append(answer_conversations(model, processor, [[{"role": "user", "content": prompt}]], settings)[0]
@@ -206,7 +203,7 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     single = []
     for row in probe:
         path, start, end = window_of(row)
-        wave = np.asarray(read_span(path, start, end))
+        wave = read_span(path, start, end)
         t = time.perf_counter()
         AudioChat(model, processor, first).answer((wave, 16000), row["question"])
         single.append(time.perf_counter() - t)
@@ -261,13 +258,8 @@ def main() -> None:
             stale.unlink()
         report = measure(args.set, args.model, work, simulate_hours=args.simulate_hours, repeats=args.repeats,
                          limit=args.limit)
-    report.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                  torch_threads=__import__("torch").get_num_threads(), command=" ".join(sys.argv))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report.update(**machine(), torch_threads=__import__("torch").get_num_threads(), command=" ".join(sys.argv))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ class Planted:
     source: str  # the voice that said it, or the sound's label
 
 
+def names_project(sentence: str) -> bool:
+    """Whether `sentence` holds one of the project code words as a word of its own."""
+    return bool(set(PROJECTS) & set(sentence.lower().replace(".", " ").replace(",", " ").split()))
+
+
 class _Tape:
     """A recording being put together, counted in samples so that every time written down is exact."""
 
@@ -154,8 +159,7 @@ def build_library_set(
     if needed + unanswerable_count > len(PROJECTS):
         raise ValueError(f"{needed} facts and {unanswerable_count} unanswerable questions need that many project "
                          f"code words; there are {len(PROJECTS)}")
-    lowered = {p.lower() for p in PROJECTS}
-    clash = [s for s in filler if lowered & set(s.lower().replace(".", " ").replace(",", " ").split())]
+    clash = [s for s in filler if names_project(s)]
     if clash:
         raise ValueError(f"filler sentence {clash[0]!r} names a project code word; leave such sentences out")
     rng = random.Random(f"library-set:{seed}")
@@ -238,9 +242,7 @@ def main() -> None:
     train_voices, _ = synth.voices()
     sounds = {label: _load_animal(path) for label, path in assets.animal_sounds.items()}
     alarm = render_events([{"type": "beeps", "count": 5, "pitch": "high"}] * 2, seed=args.seed)
-    lowered = set(PROJECTS)
-    filler = [s.text for s in varied_sentences(args.seed)
-              if not lowered & set(s.text.lower().replace(".", " ").replace(",", " ").split())]
+    filler = [s.text for s in varied_sentences(args.seed) if not names_project(s.text)]
     card = build_library_set(args.out, synth, train_voices, filler, sounds, alarm, recordings=args.recordings,
                              minutes=tuple(args.minutes), seed=args.seed,
                              progress=lambda line: print(line, file=sys.stderr, flush=True))

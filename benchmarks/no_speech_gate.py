@@ -2,7 +2,7 @@
 checkpoint evaluated with every window's hint decoded, and with windows whose Whisper no-speech probability is
 above a threshold hinted "nothing" (`model.transcript_no_speech`).
 
-    python benchmarks/no_speech_gate.py --model runs/demo/stage2/final --data ~/.cache/eardrum/demo-data/demo-KEY \\
+    python -m benchmarks.no_speech_gate --model runs/demo/stage2/final --data ~/.cache/eardrum/demo-data/demo-KEY \\
         --threshold 0.6 --out benchmarks/results/no-speech-gate-cpu-demo.json
 
 Reported for each setting: invented transcripts on the demo's clips without speech (overall and per kind), WER
@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .report_io import emit, machine
+
 
 def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_size: int = 32) -> dict:
     """Evaluate `model_dir` on the demo data in `data` without the gate and with it at `threshold`."""
     import numpy as np
-    import torch
 
     from eardrum.adapters.audio import load_audio
     from eardrum.adapters.placement import load_placed
@@ -52,11 +51,8 @@ def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_siz
         lines = [json.loads(x) for x in (data / file).read_text().splitlines() if x.strip()]
         values = []
         for first in range(0, len(lines), 8):
-            waves = [load_audio(data / line["audio"]) for line in lines[first : first + 8]]
-            features = transcriber.feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
-            with torch.no_grad():
-                encoded = transcriber.whisper.get_encoder()(features.to(next(transcriber.whisper.parameters())))
-                values += transcriber.no_speech_probability(encoded).tolist()
+            values += transcriber.no_speech_probabilities([load_audio(data / line["audio"])
+                                                           for line in lines[first : first + 8]])
         probabilities[name] = {"clips": len(values), "median": round(statistics.median(values), 3),
                                "max": round(max(values), 3), "min": round(min(values), 3),
                                "above_threshold": int(np.sum(np.array(values) > threshold))}
@@ -100,12 +96,8 @@ def main() -> None:
         parser.error(f"--data {args.data}: no nospeech_test.jsonl there; expected a demo data build")
     with tempfile.TemporaryDirectory() as tmp:
         report = measure(args.model, args.data, args.threshold, Path(tmp))
-    report.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), command=" ".join(sys.argv))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report.update(**machine(), command=" ".join(sys.argv))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

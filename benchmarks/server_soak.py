@@ -27,7 +27,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from .report_io import emit, machine
 
 HOST = "127.0.0.1"
 MODEL = "soak"
@@ -340,13 +341,8 @@ def main() -> None:
 
             model = Path(run_smoke(work / "smoke", steps=20)["checkpoint"])
         report = soak(model, args.seconds, work, clients, args.warm_up, args.rounds)
-    report.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), model=str(args.model or
-                  "tiny smoke checkpoint (eardrum.demo.smoke, 20 steps)"))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report.update(**machine(), model=str(args.model or "tiny smoke checkpoint (eardrum.demo.smoke, 20 steps)"))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def loop_period(ids: Sequence[int], repeats: int) -> int:
     if repeats < 2:
         return 0
     for period in range(1, LOOP_PERIODS + 1):
-        span = max(period * repeats, LOOP_MIN_TOKENS)
+        span = loop_span(repeats, period)
         if len(ids) < span:
             break  # longer periods need longer spans still
         tail = list(ids[-span:])
@@ -87,9 +87,10 @@ def loop_period(ids: Sequence[int], repeats: int) -> int:
     return 0
 
 
-def loop_span(repeats: int) -> int:
-    """How many of the newest tokens `loop_period` can look at: the most any caller needs to keep."""
-    return max(LOOP_PERIODS * repeats, LOOP_MIN_TOKENS)
+def loop_span(repeats: int, period: int = LOOP_PERIODS) -> int:
+    """How many of the newest tokens a loop of `period` tokens repeated `repeats` times covers; with the
+    default period, the most `loop_period` ever looks at (what any caller needs to keep)."""
+    return max(period * repeats, LOOP_MIN_TOKENS)
 
 
 def _is_count(value) -> bool:

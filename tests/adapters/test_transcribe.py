@@ -237,6 +237,7 @@ def test_windows_whisper_hears_no_speech_in_get_no_transcript_and_the_others_the
     start = torch.full((1, 1), whisper.config.decoder_start_token_id)
     probs = torch.softmax(whisper(encoder_outputs=encoded, decoder_input_ids=start).logits[0, 0], -1)
     assert torch.allclose(gated.no_speech_probability(encoded), probs[[3, 5]].sum(), atol=1e-6)
+    assert gated.no_speech_probabilities([a]) == pytest.approx([float(probs[[3, 5]].sum())], abs=1e-6)  # from waves
 
 
 @pytest.mark.parametrize("value", [0, 1, 1.5, "high", True])
