@@ -51,13 +51,40 @@ def _train(name: str, overrides: list[str], say) -> Path:
 def _stage(name: str, folder: Path, overrides: list[str], resume: bool, say) -> Path:
     """Train recipe `name` into `folder` and return its `final/`. A fresh demo replaces an earlier run there
     (`train.overwrite=true`); with `resume`, a finished stage is kept and one with checkpoints goes on."""
-    if resume and (folder / "final").is_dir():
+    overrides = [*overrides, f"output_dir={folder}"]
+    checkpoints = folder / "checkpoints"
+    finished = (folder / "final").is_dir()
+    going_on = finished or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+    if resume and going_on:
+        _same_recipe(name, overrides, folder)
+    if resume and finished:
         say(f"training {name}: kept, {folder / 'final'} is there (--resume)")
         return folder / "final"
-    checkpoints = folder / "checkpoints"
-    start = ("train.resume_from=latest" if resume and checkpoints.is_dir() and any(checkpoints.iterdir())
-             else "train.overwrite=true")
-    return _train(name, [*overrides, f"output_dir={folder}", start], say)
+    return _train(name, [*overrides, "train.resume_from=latest" if resume and going_on else "train.overwrite=true"],
+                  say)
+
+
+def _same_recipe(name: str, overrides: list[str], folder: Path) -> None:
+    """Raise ValueError naming every setting in which the run stopped in `folder` (its recipe.yaml) differs from
+    the one this demo would start (another --seed, --quick or --whisper): resuming it would mix two runs."""
+    import yaml
+
+    from eardrum.training.recipe import load_recipe
+
+    saved_file = folder / "recipe.yaml"
+    if not saved_file.is_file():
+        raise ValueError(f"--resume: {folder} holds no recipe.yaml, so what stopped there is unknown; start afresh "
+                         "without --resume, or with another --out")
+    saved = yaml.safe_load(saved_file.read_text())
+    wanted = load_recipe(name, overrides).to_dict()
+    ignored = {("train", "resume_from"), ("train", "overwrite")}
+    differ = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} there, {value!r} now"
+              for section, values in wanted.items() if isinstance(values, dict)
+              for key, value in values.items()
+              if (section, key) not in ignored and saved.get(section, {}).get(key) != value]
+    if differ:
+        raise ValueError(f"--resume: the run stopped in {folder} used other settings ({'; '.join(differ)}); resume "
+                         "with the same --seed, --quick and --whisper, or start afresh without --resume")
 
 
 def spell_digits(text: str) -> str:

@@ -170,6 +170,7 @@ def test_a_resumed_demo_keeps_finished_stages_and_resumes_one_with_checkpoints(t
     done, half, empty = tmp_path / "done", tmp_path / "half", tmp_path / "empty"
     (done / "final").mkdir(parents=True)
     (half / "checkpoints" / "step-00000200").mkdir(parents=True)
+    monkeypatch.setattr(run, "_same_recipe", lambda name, overrides, folder: None)  # checked in the next test
     assert run._stage("demo", done, ["a=1"], True, print) == done / "final" and not started  # kept
     run._stage("demo", half, ["a=1"], True, print)
     run._stage("demo", empty, ["a=1"], True, print)
@@ -185,3 +186,19 @@ def test_a_resumed_run_reports_no_whole_run_time():
 
     assert whole_run({"seconds": 600.0, "resumed": True}) == "n/a"  # it timed only the part it ran
     assert whole_run({"seconds": 600.0, "resumed": False}) == whole_run({"seconds": 600.0}) == "10.0 min"
+
+
+def test_resume_refuses_a_stage_stopped_with_other_settings(tmp_path, monkeypatch):
+    import eardrum.demo.run as run
+    from eardrum.training.recipe import load_recipe, save_recipe
+
+    folder = tmp_path / "stage1"
+    (folder / "final").mkdir(parents=True)
+    save_recipe(load_recipe("tiny", [f"output_dir={folder}", "train.seed=1"]), folder / "recipe.yaml")
+    monkeypatch.setattr(run, "_train", lambda name, overrides, say: pytest.fail("trained a finished stage"))
+    assert run._stage("tiny", folder, ["train.seed=1"], True, print) == folder / "final"  # the same: kept
+    with pytest.raises(ValueError, match=r"train\.seed: 1 there, 0 now.*same --seed"):
+        run._stage("tiny", folder, ["train.seed=0"], True, print)
+    (folder / "recipe.yaml").unlink()
+    with pytest.raises(ValueError, match="holds no recipe.yaml"):
+        run._stage("tiny", folder, ["train.seed=1"], True, print)
