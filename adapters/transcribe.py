@@ -115,20 +115,26 @@ class WhisperTranscriber(nn.Module):
 
     def attach_cache(self, directory: str | Path) -> Path:
         """Keep transcripts in `directory/<fingerprint>.jsonl` (read now, appended to as windows are decoded),
-        so later runs, stages and evaluations never decode a window twice. Returns the file's path."""
+        so later runs, stages and evaluations never decode a window twice. Returns the file's path. Several
+        processes may share the file: each appends whole records in one write."""
         path = Path(directory).expanduser() / f"{self.fingerprint()[:32]}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            with path.open() as handle:
-                for n, line in enumerate(handle, start=1):
-                    try:
-                        row = json.loads(line)
-                        self._known[row["key"]] = row["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        logger.warning("%s, line %d: not a transcript record; skipped (it is decoded again)", path, n)
         self._file = path
+        self.reload()
         logger.info("transcript cache %s: %d windows known", path, len(self._known))
         return path
+
+    def reload(self) -> None:
+        """Read the attached transcript file again (what other processes appended since); nothing without one."""
+        if self._file is None or not self._file.exists():
+            return
+        with self._file.open() as handle:
+            for n, line in enumerate(handle, start=1):
+                try:
+                    row = json.loads(line)
+                    self._known[row["key"]] = row["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    logger.warning("%s, line %d: not a transcript record; skipped (it is decoded again)", self._file, n)
 
     @torch.no_grad()
     def forward(self, windows: list[np.ndarray]) -> list[str]:
@@ -151,8 +157,9 @@ class WhisperTranscriber(nn.Module):
             texts.update(zip((keys[i] for i in chunk), self._decode([windows[i] for i in chunk])))
         fresh = {keys[i]: texts[keys[i]] for i in todo}
         if self._file is not None and fresh:
-            with self._file.open("a") as handle:
-                handle.writelines(json.dumps({"key": k, "text": t}) + "\n" for k, t in fresh.items())
+            records = "".join(json.dumps({"key": k, "text": t}) + "\n" for k, t in fresh.items())
+            with self._file.open("ab", buffering=0) as handle:  # one write: whole lines beside other appenders
+                handle.write(records.encode())
         self._known.update(fresh)
         for k in keys:
             self._known.move_to_end(k)

@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     from eardrum.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, assets_dir=args.assets, whisper=args.whisper, seed=args.seed,
-             resume=args.resume)
+             resume=args.resume, processes=args.processes)
     return 0
 
 
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seeds the data and the training")
     demo.add_argument("--resume", action="store_true", help="go on with a run stopped in --out: finished stages "
                       "are kept, a stage with checkpoints resumes from its latest")
+    demo.add_argument("--processes", type=int, default=None, metavar="N",
+                      help="train each stage as N DDP processes on this machine (default: 2 on a CPU with at "
+                           "least 2 cores, else 1)")
     demo.add_argument("--report", nargs="+", metavar="RUN",
                       help="train nothing: the table of finished runs (run folders or results.json), mean and each")
     demo.add_argument("--readme", metavar="README", help="with --report: write the table into this README")

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,18 +40,50 @@ def _paths(*manifests: Path) -> list[str]:
     return [f"data.train.{k}.path={m}" for k, m in enumerate(manifests)]
 
 
-def _train(name: str, overrides: list[str], say) -> Path:
+def default_processes() -> int:
+    """Training processes for the demo's stages: 2 on a machine without a GPU and with at least 2 cores (DDP over
+    gloo, each process on half the cores; on small CPUs two 1-thread processes step faster than one process on
+    2 threads, whose threads wait on each other in the many small kernels of a 135M LLM), else 1."""
+    import torch
+
+    return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
+
+
+def _train(name: str, overrides: list[str], say, processes: int = 1) -> Path:
+    """Train recipe `name` with `overrides`; returns its `final/`. With `processes` > 1 the recipe runs as that
+    many DDP processes (`torch.distributed.run`, each on cpu_count // processes threads) with the per-process
+    batch divided by `processes`, so each optimizer step sees the recipe's batch as one process would."""
     from eardrum.training.recipe import load_recipe
     from eardrum.training.trainer import train
 
     recipe = load_recipe(name, overrides)
-    say(f"training {name}: {recipe.output_dir}")
-    result = train(recipe)
+    say(f"training {name}: {recipe.output_dir}" + (f" ({processes} processes)" if processes > 1 else ""))
+    if processes <= 1:
+        result = train(recipe)
+    else:
+        result = _train_processes(name, recipe, overrides, processes)
     say(f"  {result['steps']} steps, {result['examples']} examples in {result['seconds']:.0f} s")
     return Path(recipe.output_dir) / "final"
 
 
-def _stage(name: str, folder: Path, overrides: list[str], resume: bool, say) -> Path:
+def _train_processes(name: str, recipe, overrides: list[str], processes: int) -> dict:
+    """Run `eardrum train name overrides` as `processes` DDP processes on this machine; returns its summary.json.
+    Raises RuntimeError naming the command when the processes fail (their own output says why)."""
+    batch = recipe.data.batch_size
+    if batch % processes:
+        raise ValueError(f"--processes {processes}: the recipe {name}'s data.batch_size {batch} does not divide "
+                         "among the processes; choose a divisor of it")
+    threads = max(1, (os.cpu_count() or processes) // processes)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "eardrum.cli", "train", name, *overrides, f"data.batch_size={batch // processes}"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False)
+    if done.returncode:
+        raise RuntimeError(f"training {name} in {processes} processes failed (exit status {done.returncode}): "
+                           f"{' '.join(command)}")
+    return json.loads((Path(recipe.output_dir) / "summary.json").read_text())
+
+
+def _stage(name: str, folder: Path, overrides: list[str], resume: bool, say, processes: int = 1) -> Path:
     """Train recipe `name` into `folder` and return its `final/`. A fresh demo replaces an earlier run there
     (`train.overwrite=true`); with `resume`, a finished stage is kept and one with checkpoints goes on."""
     overrides = [*overrides, f"output_dir={folder}"]
@@ -61,7 +96,7 @@ def _stage(name: str, folder: Path, overrides: list[str], resume: bool, say) -> 
         say(f"training {name}: kept, {folder / 'final'} is there (--resume)")
         return folder / "final"
     return _train(name, [*overrides, "train.resume_from=latest" if resume and going_on else "train.overwrite=true"],
-                  say)
+                  say, processes)
 
 
 def _same_recipe(name: str, overrides: list[str], folder: Path) -> None:
@@ -252,13 +287,15 @@ def no_speech_scores(eval_dir: Path, manifest: Path) -> dict:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
-             whisper: str = "tiny.en", seed: int = 0, resume: bool = False, say=print) -> dict:
+             whisper: str = "tiny.en", seed: int = 0, resume: bool = False, processes: int | None = None,
+             say=print) -> dict:
     """Run the whole demo; returns the results (also written to `out_dir/results.json`).
 
     With `resume`, a run that was stopped in `out_dir` goes on: a stage whose `final/` is there is not trained
     again, a stage with checkpoints resumes from its latest (`train.resume_from=latest`), the distillation keeps
     the answers it wrote; the rest (data from its cache, evaluation) runs as usual. Its results say
-    `"resumed": true`, and their `seconds` count this run only."""
+    `"resumed": true`, and their `seconds` count this run only. `processes` trains each stage as that many DDP
+    processes (None: `default_processes()`)."""
     from eardrum.adapters.placement import load_placed
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.demo.assets import fetch_assets
@@ -269,6 +306,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     from eardrum.training.recipe import load_recipe
     from eardrum.training.setup import prepare_transcriber
 
+    if processes is None:
+        processes = default_processes()
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
     start = time.perf_counter()
     parts: dict[str, float] = {}  # seconds per part of the run, in order
     lap = _stopwatch(parts)
@@ -291,7 +332,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         asr_train = _hint_consistent(assets.whisper, features, asr_train, out / "asr_train.hinted.jsonl", say)
         lap("hint_filter")
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
-    stage1 = _stage("demo", out / "stage1", [*common, *steps, *_paths(asr_train, data["caption_train"])], resume, say)
+    stage1 = _stage("demo", out / "stage1", [*common, *steps, *_paths(asr_train, data["caption_train"])], resume, say,
+                    processes)
     lap("stage1")
     model, processor = load_placed(stage1)  # placed as `eardrum chat` places it: the GPU when there is one
     prepare_transcriber(model.transcriber, features, "auto")  # the transcripts stage 1 decoded
@@ -313,7 +355,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     del model
     final = _stage("demo_stage2", out / "stage2", [*common, *steps, f"train.init_from={stage1}",
                                                    *_paths(distilled, data["caption_train"], asr_train,
-                                                           data["chat_train"])], resume, say)
+                                                           data["chat_train"])], resume, say, processes)
     lap("stage2")
     say("evaluating on held-out data")
     loaded = load_placed(final)
@@ -358,7 +400,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         "qa_by_voice": per_voice_qa(out / "eval" / "qa", data["qa_test"]),
         "real_speech": real_speech,
         "data": _data_card(data),
-        "quick": quick, "whisper": whisper, "seed": seed, "resumed": resume,
+        "quick": quick, "whisper": whisper, "seed": seed, "resumed": resume, "processes": processes,
         "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
     }
     table = format_results(results)

@@ -212,7 +212,7 @@ def _train(recipe: Recipe, acc) -> dict:
                     acc.device, type(model).__name__)
     skipped = BadExamples(out / "bad_examples_train.jsonl", main)
     if cache is not None:  # before the plan: a clip that cannot be read there is named, and skipped or fatal
-        bad = _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, main)
+        bad = _fill_cache(core, processor, cache, train_records + eval_records, prompts, t.seed, acc)
         if bad and not d.skip_bad:
             raise DataError(bad, message=f"{len(bad)} example(s) could not be read in full (data.skip_bad=true "
                                          "skips and lists them):")
@@ -303,7 +303,7 @@ def _train(recipe: Recipe, acc) -> dict:
         bar.close()
     result = {
         "steps": progress.step,
-        "examples": progress.examples,
+        "examples": int(acc.reduce(torch.tensor([progress.examples], device=acc.device), "sum").item()),
         "seconds": time.perf_counter() - start,
         "resumed_from": str(resume) if resume else None,
     }
@@ -406,13 +406,18 @@ def _progress_bar(main: bool, total: int, done: int):
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _fill_cache(core, processor, cache, records, prompts, seed, main) -> list[DataProblem]:
+def _fill_cache(core, processor, cache, records, prompts, seed, acc) -> list[DataProblem]:
     """Encode every audio window of the train and eval records once, before the first step. Returns the
     records whose conversation cannot be rendered (audio that fails to decode in full, non-finite samples),
-    each named by its manifest line; the others are all encoded."""
+    each named by its manifest line; the others are all encoded. Under several processes each rank encodes
+    (and, with transcript hints, decodes) its own share, then every rank reads what the others wrote, and the
+    problems are gathered so that every rank leaves out the same records."""
+    from accelerate.utils import gather_object
+
     from .cache import precompute
 
-    every = Collator(processor, records, prompts, seed)
+    share = records[acc.process_index :: acc.num_processes]
+    every = Collator(processor, share, prompts, seed)
     bad: list[DataProblem] = []
 
     def render(indices: range) -> list:
@@ -421,8 +426,8 @@ def _fill_cache(core, processor, cache, records, prompts, seed, main) -> list[Da
 
     def windows(chunk: int = 32):
         # a chunk of conversations per call: with transcript hints, their windows are decoded in batches
-        for start in range(0, len(records), chunk):
-            indices = range(start, min(start + chunk, len(records)))
+        for start in range(0, len(share), chunk):
+            indices = range(start, min(start + chunk, len(share)))
             try:
                 yield from render(indices)
             except (ValueError, OSError):  # find which: one at a time
@@ -430,12 +435,19 @@ def _fill_cache(core, processor, cache, records, prompts, seed, main) -> list[Da
                     try:
                         found = render(range(i, i + 1))
                     except (ValueError, OSError) as err:
-                        bad.append(DataProblem(records[i].where, str(err)))
+                        bad.append(DataProblem(share[i].where, str(err)))
                         continue
                     yield from found
 
-    stats = precompute(core, processor.featurizer, windows(), cache, progress=main)
-    if main:
+    stats = precompute(core, processor.featurizer, windows(), cache, progress=acc.is_main_process)
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+        cache.refresh()
+        if core.transcriber is not None:
+            core.transcriber.reload()
+        order = {r.where: i for i, r in enumerate(records)}
+        bad = sorted(gather_object(bad), key=lambda problem: order[problem.where])
+    if acc.is_main_process:
         logger.info("feature cache %s: %s%s", cache.directory, stats, f"; {len(bad)} bad examples" if bad else "")
     return bad
 

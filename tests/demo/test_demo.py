@@ -166,7 +166,7 @@ def test_a_resumed_demo_keeps_finished_stages_and_resumes_one_with_checkpoints(t
     import eardrum.demo.run as run
 
     started: list[list[str]] = []
-    monkeypatch.setattr(run, "_train", lambda name, overrides, say: started.append(overrides) or tmp_path / "x")
+    monkeypatch.setattr(run, "_train", lambda name, overrides, say, processes: started.append(overrides) or tmp_path)
     done, half, empty = tmp_path / "done", tmp_path / "half", tmp_path / "empty"
     (done / "final").mkdir(parents=True)
     (half / "checkpoints" / "step-00000200").mkdir(parents=True)
@@ -195,10 +195,40 @@ def test_resume_refuses_a_stage_stopped_with_other_settings(tmp_path, monkeypatc
     folder = tmp_path / "stage1"
     (folder / "final").mkdir(parents=True)
     save_recipe(load_recipe("tiny", [f"output_dir={folder}", "train.seed=1"]), folder / "recipe.yaml")
-    monkeypatch.setattr(run, "_train", lambda name, overrides, say: pytest.fail("trained a finished stage"))
+    monkeypatch.setattr(run, "_train", lambda *args: pytest.fail("trained a finished stage"))
     assert run._stage("tiny", folder, ["train.seed=1"], True, print) == folder / "final"  # the same: kept
     with pytest.raises(ValueError, match=r"train\.seed: 1 there, 0 now.*same --seed"):
         run._stage("tiny", folder, ["train.seed=0"], True, print)
     (folder / "recipe.yaml").unlink()
     with pytest.raises(ValueError, match="holds no recipe.yaml"):
         run._stage("tiny", folder, ["train.seed=1"], True, print)
+
+
+def test_stages_in_several_processes_keep_the_recipes_batch_per_step(tmp_path, monkeypatch):
+    """`--processes N` runs each stage as N DDP processes with the recipe's batch divided among them (so each
+    optimizer step sees the recipe's batch), each on its share of the cores; a batch that does not divide is
+    refused before anything starts."""
+    import subprocess as sp
+
+    import eardrum.demo.run as run
+    from eardrum.training.recipe import load_recipe
+
+    seen = {}
+
+    def fake_run(command, env, check):
+        seen.update(command=command, threads=env["OMP_NUM_THREADS"])
+        (tmp_path / "summary.json").write_text(json.dumps({"steps": 3, "examples": 24, "seconds": 1.0}))
+        return sp.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 4)
+    overrides = [f"output_dir={tmp_path}"]
+    assert run._train("demo", overrides, print, processes=2) == tmp_path / "final"
+    assert seen["command"][-1] == "data.batch_size=4" and "--nproc_per_node=2" in seen["command"]
+    assert seen["threads"] == "2"
+    recipe = load_recipe("demo", overrides)
+    with pytest.raises(ValueError, match="data.batch_size 8 does not divide among the processes"):
+        run._train_processes("demo", recipe, overrides, 3)
+    monkeypatch.setattr(run.subprocess, "run", lambda command, env, check: sp.CompletedProcess(command, 1))
+    with pytest.raises(RuntimeError, match="training demo in 2 processes failed"):
+        run._train_processes("demo", recipe, overrides, 2)

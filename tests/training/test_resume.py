@@ -91,3 +91,20 @@ def test_two_processes_ddp_on_cpu(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints" / "step-00000004").glob("rng-rank*")) == [
         "rng-rank0.safetensors", "rng-rank1.safetensors"]
     assert (run / "final" / "eardrum_config.json").is_file()
+
+
+def test_two_processes_share_the_feature_cache_and_the_transcripts_each_window_once(tmp_path):
+    """With transcript hints, each rank encodes and decodes its own share of the windows before the first step,
+    then reads the others': every window's transcript is decoded once in all, in whole lines of one file."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*launch, *command(tmp_path, "hinted", "train.max_steps=2", "model.transcript_hint=true")],
+                            env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [transcripts] = (tmp_path / "cache" / "transcripts").glob("*.jsonl")
+    rows = [json.loads(line) for line in transcripts.read_text().splitlines()]
+    clips = {json.loads(line)["audio"] for name in ("caption.jsonl", "qa.jsonl")
+             for line in (DATA / name).read_text().splitlines()}
+    assert len(rows) == len({r["key"] for r in rows}) == len(clips)  # once each, none lost, none twice
+    assert "2 process(es)" in result.stderr and (tmp_path / "hinted" / "final" / "eardrum_config.json").is_file()
+    summary = json.loads((tmp_path / "hinted" / "summary.json").read_text())
+    assert summary["examples"] == 2 * 2 * 4  # both ranks' examples: 2 steps of 4 per rank
