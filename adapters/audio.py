@@ -29,7 +29,8 @@ MAX_ARRAY_CHANNELS = 8
 # A path, the encoded bytes of a file, (array, rate), or a datasets-style dict (see load_audio).
 AudioSource: TypeAlias = str | os.PathLike | bytes | tuple[np.ndarray, int] | Mapping[str, Any]
 
-_FORMATS = "a wav, flac, ogg or mp3 file (any format libsndfile reads)"
+_FORMATS = ("a wav, flac, ogg or mp3 file (any format libsndfile reads), or with PyAV installed (`pip install "
+            "'eardrum[web]'`, FFmpeg bundled) webm/opus, m4a/aac and whatever else FFmpeg reads")
 
 
 class AudioError(ValueError):
@@ -198,16 +199,66 @@ def _read_encoded(
 ) -> tuple[np.ndarray, int]:
     """Decodes a file; ``open_()`` gives a fresh path or file object for each pass over it.
 
-    The header is read first so an over-long file is refused without decoding its samples.
+    libsndfile first (wav, flac, ogg, mp3); what it does not know (the webm/opus and m4a that browsers and
+    phones record) goes to FFmpeg through PyAV where that is installed. The header is read first so an
+    over-long file is refused without decoding its samples.
     """
     try:
         info = sf.info(open_())
-        _check_length(info.frames, info.samplerate, label, max_seconds)
+    except sf.SoundFileError as err:
+        reason = (getattr(err, "error_string", None) or str(err)).strip()
+        if not _has_pyav():
+            raise AudioDecodeError(f"{label}: could not decode ({reason}); expected {_FORMATS}") from err
+        return _read_with_pyav(open_, label, max_seconds, reason)
+    _check_length(info.frames, info.samplerate, label, max_seconds)
+    try:
         data, rate = sf.read(open_(), dtype="float32", always_2d=True)  # (T, C)
     except sf.SoundFileError as err:
         reason = getattr(err, "error_string", None) or str(err)
         raise AudioDecodeError(f"{label}: could not decode ({reason.strip()}); expected {_FORMATS}") from err
     return data, rate
+
+
+def _has_pyav() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def _read_with_pyav(
+    open_: Callable[[], str | io.BytesIO], label: str, max_seconds: float | None, sndfile_reason: str
+) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with FFmpeg (PyAV): ``(T, C)`` float32 samples and their rate. A duration
+    the container states is checked before decoding; the decoded length is checked again after. Where FFmpeg
+    cannot read it either, the error gives both decoders' reasons (libsndfile's is `sndfile_reason`)."""
+    import av
+
+    try:
+        with av.open(open_(), mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioDecodeError(f"{label}: the file holds no audio stream; expected {_FORMATS}")
+            if container.duration is not None and max_seconds is not None:
+                stated = container.duration / 1_000_000  # microseconds
+                if stated > max_seconds + 1:  # the stated length is approximate: decode what is near the limit
+                    _check_length(round(stated * (stream.rate or SAMPLING_RATE)), stream.rate or SAMPLING_RATE,
+                                  label, max_seconds)
+            # planar float32, channels kept apart: (C, n) per frame
+            resampler = av.AudioResampler(format="fltp", layout=None, rate=None)
+            chunks, rate = [], None
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    rate = out.sample_rate
+                    chunks.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    except av.error.FFmpegError as err:
+        reason = f"libsndfile: {sndfile_reason}; FFmpeg: {getattr(err, 'strerror', None) or err}"
+        raise AudioDecodeError(f"{label}: could not decode ({reason}); expected {_FORMATS}") from err
+    if not chunks or rate is None:
+        raise EmptyAudioError(f"{label}: 0 samples; expected at least one (silence is fine, nothing is not)")
+    data = np.concatenate(chunks, axis=1).T  # (T, C)
+    return np.ascontiguousarray(data, dtype=np.float32), rate
 
 
 def _check_length(frames: int, rate: int, label: str, max_seconds: float | None) -> None:

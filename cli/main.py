@@ -9,6 +9,7 @@
     eardrum chat --model DIR [--audio [NAME=]FILE ...]                      talk about recordings, answers streamed
     eardrum ask --model DIR --audio [NAME=]FILE [...] [--json] "question"   one answer, for scripts
     eardrum serve --model DIR [--host H] [--port N]   an OpenAI-compatible HTTP server (input_audio parts)
+    eardrum web --model DIR [--port 7860]            the chat page in a browser: record or upload, ask, listen
     eardrum generate --model DIR --manifest IN.jsonl --out OUT.jsonl   batch answers, resumable
     eardrum eval --model DIR --manifest TEST.jsonl --task asr|qa|caption [--parity]   metrics
     eardrum index SOURCE [...] --model DIR --library LIB   recordings into timestamped, searchable windows

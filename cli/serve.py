@@ -1,6 +1,8 @@
-"""`eardrum serve`: an OpenAI-compatible HTTP server for one checkpoint (see `eardrum.inference.server`).
+"""`eardrum serve`: an OpenAI-compatible HTTP server for one checkpoint (see `eardrum.inference.server`),
+and `eardrum web`: the same server with its chat page at / (see `eardrum.inference.web`).
 
-    eardrum serve --model DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--device auto]
+    eardrum serve --model DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--device auto] [--web]
+    eardrum web --model DIR [--host 127.0.0.1] [--port 7860]
 
 The model folder and the port are checked before anything heavy is imported or loaded, so a wrong
 path or a busy port is a one-line error (exit code 2) within a second, not after the model loads;
@@ -51,17 +53,36 @@ def _port(text: str) -> int:
     return int(text)
 
 
+WEB_PORT = 7860  # `eardrum web`'s default port, the one browser demos of speech models usually take
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `serve` on the `eardrum` subcommands; its handler is set as `run`."""
+    """Register `serve` and `web` on the `eardrum` subcommands (handler `run`); returns `serve`'s parser."""
     serve = subparsers.add_parser(
         "serve",
         help="serve a checkpoint over HTTP, OpenAI chat-completions compatible (audio as input_audio parts)",
-        description="Serve one checkpoint at /v1/chat/completions, /v1/models and /health.",
+        description="Serve one checkpoint at /v1/chat/completions, /v1/models and /health (and with --web the "
+        "chat page at /).",
     )
+    _server_arguments(serve, port=8000)
+    serve.add_argument("--web", action="store_true", help="also serve the chat page at / (as `eardrum web`)")
+    web = subparsers.add_parser(
+        "web",
+        help="a chat page for recordings in the browser: upload or record, ask, see answers stream in",
+        description="Serve one checkpoint's chat page at / (and the same API as `eardrum serve`); open the printed "
+        "address in a browser. Uploads in webm/opus or m4a need `pip install 'eardrum[web]'` (PyAV, FFmpeg "
+        "bundled).",
+    )
+    _server_arguments(web, port=WEB_PORT)
+    web.set_defaults(web=True)
+    return serve
+
+
+def _server_arguments(serve: argparse.ArgumentParser, port: int) -> None:
     serve.add_argument("--model", required=True, metavar="DIR", help="the checkpoint folder")
     serve.add_argument("--model-name", help="the id clients send as `model` (default: the folder's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=port, help="port to listen on (default: %(default)s)")
     default = lambda name: field_default(ServerSettings, name)  # noqa: E731
     serve.add_argument(
         "--max-batch",
@@ -143,7 +164,6 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: info)")
     add_placement_options(serve)
     serve.set_defaults(run=run_serve)
-    return serve
 
 
 def _check_model_dir(model: str) -> Path:
@@ -191,6 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
+        web=args.web,
     )
     settings.validate()  # a bad --cors-origin or empty --api-key is named before the port is taken
     if settings.library is not None:

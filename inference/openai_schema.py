@@ -17,7 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+# the `format` an input_audio part may name; the bytes are decoded by their content (webm, m4a and the other
+# containers browsers and phones record need PyAV: `pip install 'eardrum[web]'`)
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "mp4", "opus", "aac")
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1
@@ -195,7 +197,7 @@ def _parse_part(part: Any, role: str, where: str) -> dict[str, Any]:
     if kind == "input_audio":
         if role != "user":
             raise bad_request(f"{where}: input_audio is accepted in user messages only, not in {role}", where)
-        return {"type": "audio", "audio": _parse_input_audio(part.get("input_audio"), where)}
+        return {"type": "audio", "audio": parse_input_audio(part.get("input_audio"), where)}
     if kind in ("audio", "audio_url", "file", "image_url", "input_file"):
         raise bad_request(
             f"{where}: content parts of type {kind!r} are refused: this server takes audio only as base64 data "
@@ -211,7 +213,9 @@ def _parse_part(part: Any, role: str, where: str) -> dict[str, Any]:
     )
 
 
-def _parse_input_audio(value: Any, where: str) -> AudioClip:
+def parse_input_audio(value: Any, where: str) -> AudioClip:
+    """An `input_audio` object ({"data": BASE64 or a data URL, "format": one of AUDIO_FORMATS or none}) -> its
+    still-encoded bytes; APIError naming `where` for anything else. The bytes are decoded by content later."""
     if not isinstance(value, dict) or not isinstance(value.get("data"), str):
         raise bad_request(f"{where}.input_audio: expected {{'data': BASE64, 'format': ...}}", f"{where}.input_audio")
     fmt = value.get("format")

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   text and base64 `input_audio` parts in; an answer, or SSE chunks with stream
     GET  /v1/models             the one model served (also GET /v1/models/{id})
     GET  /health                liveness; requests waiting, batches and requests run, the largest batch
+    GET  /                      with `web` on: the chat page (`eardrum.inference.web`, `eardrum web`)
 
 Requests to /v1 must send their body as `application/json` (415 otherwise: a web page cannot post one
 across origins without the browser asking first) and, when the server has an API key, the header
@@ -389,6 +390,15 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
         Route("/v1/models/{name:path}", one_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
+    if settings.web:
+        from .web import web_routes
+
+        async def read_json_body(request: Request) -> bytes:
+            check_json_body(request)
+            return await _read_body(request, settings.max_request_bytes, settings.body_timeout_s)
+
+        routes += web_routes(settings, lambda request: check_api_key(request, settings.api_key), read_json_body,
+                             _decode_clip)
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
     middleware = []
     if settings.cors_origins:  # none named: no CORS headers at all, so other origins cannot read answers
@@ -423,6 +433,9 @@ class DrainingServer(uvicorn.Server):
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
+    # one line per refused request, so the log says what a client (or the page) was told
+    logger.warning("%s %s from %s: %d %.300s", request.method, request.url.path, _peer(request), exc.status,
+                   exc.message)
     # 408 and 413 leave part of the body unread: the connection cannot carry another request
     unread = exc.status in (408, 413)
     return JSONResponse(exc.body(), status_code=exc.status, headers={"Connection": "close"} if unread else None)
@@ -453,7 +466,7 @@ def serve(
     host, port = sock.getsockname()[:2]
     print(
         f"eardrum serve: {settings.model_name!r} on http://{host}:{port} ({model.device}, up to {settings.max_batch} "
-        "requests per batch)",
+        "requests per batch)" + (f"; the chat page: open http://{host}:{port}/ in a browser" if settings.web else ""),
         flush=True,
     )
     DrainingServer(server_config(app, settings, log_level), app.state.engine).run(sockets=[sock])

@@ -23,6 +23,7 @@ class ServerSettings:
     max_connections: int = 256  # open connections; one more is answered 503 server_busy and closed at once
     header_timeout_s: float = 10.0  # a connection without a whole request head this long after it opens: closed
     body_timeout_s: float = 120.0  # a request body not all received this long after its head: 408 request_timeout
+    web: bool = False  # also serve the chat page at / (eardrum.inference.web)
 
     def validate(self) -> None:
         """Raise one ValueError listing every setting out of range."""
