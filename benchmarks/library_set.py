@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 
 RATE = 16000
-SET_VERSION = 1
+SET_VERSION = 2  # 2: 20 more code words, so the default 30 recordings x 3 facts + 30 unanswerable fit
 PROJECTS = (
     "falcon heron osprey kestrel magpie pelican condor puffin starling raven albatross flamingo "
     "maple cedar willow birch aspen juniper spruce hazel alder rowan linden cypress poplar laurel magnolia "
@@ -37,7 +37,8 @@ PROJECTS = (
     "sapphire emerald cobalt granite marble basalt copper bronze silver velvet cotton linen canvas harbor "
     "lantern compass anchor beacon summit glacier canyon meadow prairie tundra lagoon delta island volcano "
     "thunder blizzard monsoon cyclone aurora eclipse comet meteor horizon voyager pioneer explorer navigator "
-    "pilgrim nomad ranger sentinel guardian"
+    "pilgrim nomad ranger sentinel guardian walnut chestnut almond saffron cinnamon nutmeg clover thistle "
+    "heather orchid lotus tulip iris violet jasmine lilac poppy fennel sorrel yarrow"
 ).split()
 FIRST = "Anna Ben Clara David Emma Frank Grace Henry Julia Kevin Laura Mark Nina Oscar Paul Rachel Sophie Tom".split()
 LAST = "Keller Novak Patel Garcia Larsen Moreau Fischer Romano Jensen Kowalski Duarte Brennan Haas Lindgren".split()

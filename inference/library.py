@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -33,14 +34,22 @@ from eardrum.adapters.config import plan_windows
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2  # 2: words are stemmed (porter) in the full-text index, so "beeping" finds "beep"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")  # what soundfile decodes
 DEFAULT_WINDOW_S = 20.0
 DEFAULT_OVERLAP_S = 5.0
 STOPWORDS = frozenset(
     "a an and are as at be by did do does for from had has have how i in is it its of on or said says that "
-    "the their there this to was were what when where which who why will with you your about any anyone".split()
+    "the their there this to was were what when where which who why will with you your about any anyone "
+    # the words a question about recordings is framed in, which no window's text needs to hold
+    "can could would should we us our they them he she his her him hear heard listen recording recordings "
+    "recorded audio say tell told mention mentioned talk talked speak spoke someone anything something".split()
 )
+# A window answers a question only if it holds at least this share of the question's words, each word weighted
+# by how rare it is in the library (BM25's idf; a word no window holds weighs most): a question whose most
+# telling word no window holds ("Who leads the volcano project?" in a library that never says "volcano") finds
+# nothing, however many windows share its common words ("project", "lead").
+MIN_COVERAGE = 0.6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,7 +60,8 @@ CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
     start REAL NOT NULL, end REAL NOT NULL, text TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS windows_by_file ON windows(file_id);
-CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, content='windows', content_rowid='id');
+CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, content='windows', content_rowid='id',
+    tokenize='porter unicode61');
 CREATE TRIGGER IF NOT EXISTS windows_added AFTER INSERT ON windows BEGIN
     INSERT INTO windows_text(rowid, text) VALUES (new.id, new.text); END;
 CREATE TRIGGER IF NOT EXISTS windows_removed AFTER DELETE ON windows BEGIN
@@ -73,6 +83,7 @@ class Hit:
     end: float
     text: str
     score: float
+    coverage: float = 1.0  # the idf-weighted share of the question's words this window holds (MIN_COVERAGE)
 
 
 def file_sha256(path: Path) -> str:
@@ -101,10 +112,14 @@ def audio_files(sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
             raise LibraryError(f"{source}: no such file or folder; expected recordings or folders holding them")
 
 
+def question_words(question: str) -> list[str]:
+    """The words of a question that a window's text should hold: lower case, stopwords dropped, each once."""
+    return list(dict.fromkeys(w for w in re.findall(r"[\w']+", question.lower()) if w not in STOPWORDS))
+
+
 def search_terms(question: str) -> str:
-    """An FTS5 query for a question: its words (stopwords dropped), each quoted, any of them matching."""
-    words = [w for w in re.findall(r"[\w']+", question.lower()) if w not in STOPWORDS]
-    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+    """An FTS5 query for a question: its words (`question_words`), each quoted, any of them matching."""
+    return " OR ".join(f'"{w}"' for w in question_words(question))
 
 
 DESCRIBE_MAX_TOKENS = 96  # a 20 s window of fast speech is about 70 words
@@ -162,14 +177,14 @@ def user_question(message: dict) -> str | None:
 def find_windows(library: AudioLibrary | str | os.PathLike, question: str, earlier: Sequence[str] = (),
                  k: int = LIBRARY_WINDOWS) -> list[Hit]:
     """The `k` windows of `library` (an open library or its file) that best match `question`; a follow-up
-    (`is_follow_up`) whose own words find nothing is searched with the last two `earlier` questions."""
+    (`is_follow_up`) whose own words find nothing is searched with the last two `earlier` questions instead."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"windows: expected a positive number of library windows, got {k!r}")
     opened = library if isinstance(library, AudioLibrary) else open_library(library)
     try:
         hits = opened.search(question, k)
-        if not hits and earlier and is_follow_up(question):
-            hits = opened.search(" ".join([*earlier[-2:], question]), k)
+        if not hits and earlier and is_follow_up(question):  # its own words found nothing: the topic is earlier
+            hits = opened.search(" ".join(earlier[-2:]), k)
         return hits
     finally:
         if opened is not library:
@@ -360,14 +375,35 @@ class AudioLibrary:
             logger.info("removed %s from the library: the file is gone", p)
         return len(gone)
 
-    def search(self, question: str, k: int = 5) -> list[Hit]:
-        """The `k` windows whose text best matches the words of `question` (BM25), best first; [] when no
-        word of it is in the library."""
+    def search(self, question: str, k: int = 5, min_coverage: float = MIN_COVERAGE) -> list[Hit]:
+        """The `k` windows whose text best matches the words of `question` (BM25), best first, among those
+        holding at least `min_coverage` of its words weighted by rarity (`MIN_COVERAGE`; 0 keeps every match);
+        [] when no window does."""
         terms = search_terms(question)
         if not terms:
             return []
         rows = self.db.execute(
-            "SELECT f.path, w.start, w.end, w.text, bm25(windows_text) AS score FROM windows_text "
+            "SELECT w.id, f.path, w.start, w.end, w.text, bm25(windows_text) AS score FROM windows_text "
             "JOIN windows w ON w.id = windows_text.rowid JOIN files f ON f.id = w.file_id "
             "WHERE windows_text MATCH ? ORDER BY score LIMIT ?", (terms, k)).fetchall()
-        return [Hit(*row) for row in rows]
+        if not rows:
+            return []
+        coverage = self._coverage(question_words(question), [row[0] for row in rows])
+        hits = [Hit(*row[1:], coverage=round(coverage[row[0]], 4)) for row in rows]
+        return [h for h in hits if h.coverage >= min_coverage]
+
+    def _coverage(self, words: list[str], ids: list[int]) -> dict[int, float]:
+        """For each window id: the share of `words` it holds, each word weighted by BM25's idf over the library
+        (ln(1 + (N - n + 0.5) / (n + 0.5)) for a word n of N windows hold), as FTS5 tokenises both."""
+        total = self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        marks = ",".join("?" * len(ids))
+        weight, held = {}, dict.fromkeys(ids, 0.0)
+        for word in words:
+            query = f'"{word}"'
+            n = self.db.execute("SELECT COUNT(*) FROM windows_text WHERE windows_text MATCH ?", (query,)).fetchone()[0]
+            weight[word] = math.log(1 + (total - n + 0.5) / (n + 0.5))
+            for (i,) in self.db.execute(f"SELECT rowid FROM windows_text WHERE windows_text MATCH ? AND rowid IN "
+                                        f"({marks})", (query, *ids)):
+                held[i] += weight[word]
+        whole = sum(weight.values())
+        return {i: (h / whole if whole else 0.0) for i, h in held.items()}

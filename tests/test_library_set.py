@@ -128,3 +128,18 @@ def test_library_bench_reports_every_measure_on_a_tiny_model(built, tmp_path):
     assert latency["one_window_directly"] > 0 and (latency["library"] is None or latency["library"] > 0)
     assert len(latency["library_by_size"]) == 1
     assert latency["synthetic_windows_added"] == library_bench.HOP_WINDOWS_PER_HOUR * 2
+
+
+def test_on_perfect_transcripts_the_search_finds_the_facts_and_nothing_for_unasked_projects(tmp_path):
+    """benchmarks/library_oracle on a small set: with every window's text right, the planted windows are found
+    and questions about projects no recording names find nothing at MIN_COVERAGE, while without the coverage
+    rule every one of them finds some window (which a model would answer by inventing)."""
+    from benchmarks.library_oracle import measure
+
+    from eardrum.inference.library import MIN_COVERAGE
+
+    report = measure(recordings=4, seed=0, work=tmp_path)["by_min_coverage"]
+    kept, bare = report[str(MIN_COVERAGE)], report["0.0"]
+    assert kept["questions"] == {"speech": 12, "sounds": 9, "unanswerable": 30}
+    assert kept["speech_recall@5"] >= 0.9 and kept["sounds_recall@5"] >= bare["sounds_recall@5"]
+    assert kept["unanswerable_finding_a_window"] == 0.0 and bare["unanswerable_finding_a_window"] == 1.0
