@@ -95,7 +95,8 @@ def run_library(args: argparse.Namespace) -> int:
     print(f"{args.library}: {stats['files']} files, {stats['hours']:.2f} h, {stats['windows']} windows of "
           f"{stats['window_s']:g} s (overlap {stats['overlap_s']:g} s), texts by {stats['describer']}")
     for hit in hits or []:
-        print(f"{Path(hit.path).name} {_clock(hit.start)}-{_clock(hit.end)}: {hit.text}")
+        print(f"{Path(hit.path).name} {_clock(hit.start)}-{_clock(hit.end)} (holds {hit.coverage:.0%} of the "
+              f"words by weight): {hit.text}")
     if hits == []:
-        print("no window matches those words")
+        print("no window holds enough of those words (a question about this finds nothing)")
     return 0
