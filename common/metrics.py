@@ -1,5 +1,10 @@
 """Evaluation metrics for transcripts, answers and captions: WER, CER, exact/contains match, BLEU, CIDEr-D.
 
+Beside our own: WER under Whisper's English normaliser (`word_error_rate_whisper`) and sacrebleu's BLEU with its
+signature (`sacrebleu_bleu`), the maintained implementations published numbers come from. Our BLEU is tested
+equal to sacrebleu's on the same tokens, and our CIDEr-D equal to the value aac-metrics publishes for its
+example (tests/common/test_metrics.py).
+
 Every metric compares texts after `normalize_text` unless called with `normalize=False`, so that
 casing and punctuation do not count as errors. Corpus metrics pool counts over all items before
 dividing (a long utterance weighs more than a short one), as the usual definitions do.
@@ -7,6 +12,7 @@ dividing (a long utterance weighs more than a short one), as the usual definitio
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -267,3 +273,41 @@ def cider(hypotheses: list[str], references_list: list[Alternatives], *, normali
         df.update({g for r in item_refs for n in range(1, CIDER_MAX_N + 1) for g in _ngrams(r, n)})
     log_items = math.log(len(cands))
     return sum(_cider_item(c, r, df, log_items) for c, r in zip(cands, refs)) / len(cands)
+
+
+# ------------------------------------------------------------------ the maintained implementations papers use
+
+@functools.cache
+def _whisper_english_normalizer():
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+def whisper_normalize(text: str) -> str:
+    """Whisper's English text normaliser (the `whisper-normalizer` package, the one published LibriSpeech and
+    Open ASR Leaderboard WERs use): lower case, punctuation removed, British spellings made American, numbers
+    written as digits ("twenty-five" -> "25"), titles spelt out ("Mr." -> "mister"), fillers dropped."""
+    return _whisper_english_normalizer()(text)
+
+
+def word_error_rate_whisper(references: list[str], hypotheses: list[str]) -> dict[str, int | float]:
+    """`word_error_rate` after `whisper_normalize` on both sides: the WER that can be set beside published
+    results. Same keys as `word_error_rate`."""
+    _check_pairs(references, hypotheses, "references", "hypotheses")
+    return word_error_rate([whisper_normalize(r) for r in references], [whisper_normalize(h) for h in hypotheses],
+                           normalize=False)
+
+
+def sacrebleu_bleu(hypotheses: list[str], references_list: list[Alternatives]) -> tuple[float, str]:
+    """Corpus BLEU-4 as sacrebleu computes it (its default 13a tokeniser, case-sensitive, no normalisation of
+    ours), in [0, 1], and sacrebleu's signature string, which says exactly how (report it beside the score).
+    Items may have different numbers of references."""
+    from sacrebleu.metrics import BLEU
+
+    _check_pairs(hypotheses, references_list, "hypotheses", "references_list")
+    refs = [_alternatives(item, i, "references_list") for i, item in enumerate(references_list)]
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(max(map(len, refs)))]
+    metric = BLEU()
+    score = metric.corpus_score(list(hypotheses), streams)
+    return score.score / 100, str(metric.get_signature())

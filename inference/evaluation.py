@@ -29,7 +29,9 @@ from eardrum.common.metrics import (
     cider,
     contains_answer,
     exact_match,
+    sacrebleu_bleu,
     word_error_rate,
+    word_error_rate_whisper,
 )
 
 from .generate import (
@@ -44,9 +46,20 @@ from .generate import (
 
 EVAL_TASKS = ("asr", "qa", "caption")
 METRICS = {  # what each task reports, in table order
-    "asr": ("wer", "cer"),
+    "asr": ("wer", "wer_whisper_norm", "cer"),
     "qa": ("exact_match", "contains_answer"),
-    "caption": ("bleu4", "cider_d", "exact_match"),
+    "caption": ("bleu4", "bleu4_sacrebleu", "cider_d", "exact_match"),
+}
+METRIC_NOTES = {  # what each metric is, written into summary.json and under the table
+    "wer": "WER after eardrum's normaliser (lower case, punctuation removed, numbers as written)",
+    "wer_whisper_norm": "WER after Whisper's English normaliser (whisper-normalizer), as published results use",
+    "cer": "character error rate after eardrum's normaliser",
+    "exact_match": "the answer equals a reference after eardrum's normaliser",
+    "contains_answer": "a reference appears in the answer after eardrum's normaliser",
+    "bleu4": "corpus BLEU-4 on eardrum-normalised words (equals sacrebleu's on the same words)",
+    "bleu4_sacrebleu": "corpus BLEU-4 by sacrebleu on the raw texts, signature {signature}",
+    "cider_d": "CIDEr-D as the COCO caption scorer defines it (0.9614 on aac-metrics' published example, as "
+               "aac-metrics gives)",
 }
 TRANSCRIPT_FIELD = "transcript"
 
@@ -56,6 +69,7 @@ def corpus_scores(task: str, references: list[str], hypotheses: list[str]) -> di
     if task == "asr":
         return {
             "wer": word_error_rate(references, hypotheses)["wer"],
+            "wer_whisper_norm": word_error_rate_whisper(references, hypotheses)["wer"],
             "cer": character_error_rate(references, hypotheses)["cer"],
         }
     if task == "qa":
@@ -65,9 +79,19 @@ def corpus_scores(task: str, references: list[str], hypotheses: list[str]) -> di
         }
     return {
         "bleu4": bleu(hypotheses, references),
+        "bleu4_sacrebleu": sacrebleu_bleu(hypotheses, references)[0],
         "cider_d": cider(hypotheses, references),
         "exact_match": exact_match(hypotheses, references),
     }
+
+
+def metric_notes(task: str) -> dict[str, str]:
+    """What each of the task's metrics is (`METRIC_NOTES`), sacrebleu's signature filled in."""
+    notes = {name: METRIC_NOTES[name] for name in METRICS[task]}
+    if "bleu4_sacrebleu" in notes:
+        signature = sacrebleu_bleu(["a"], [["a"]])[1].replace("nrefs:1", "nrefs:var")
+        notes["bleu4_sacrebleu"] = notes["bleu4_sacrebleu"].format(signature=signature)
+    return notes
 
 
 def item_scores(task: str, reference: str, hypothesis: str) -> dict[str, float]:
@@ -208,6 +232,7 @@ def evaluate_manifest(
         "errors": sum(1 for r in rows if "error" in r),
         "mode": "text" if text_only else "audio",
         "metrics": metrics.get("text" if text_only else "audio", {}),
+        "metric_notes": metric_notes(task),
         "settings": {**asdict(settings), "batch_size": batch_size},
     }
     if parity:
@@ -249,6 +274,8 @@ def format_table(summary: dict) -> str:
     for name in METRICS[summary["task"]]:
         values = [parity[k].get(name) for k in ("audio", "text", "gap")] if parity else [summary["metrics"].get(name)]
         lines.append(f"{name:<16}" + "".join(f"{_fmt(v, i == 2):>20}" for i, v in enumerate(values)))
+    notes = summary.get("metric_notes") or metric_notes(summary["task"])
+    lines += [f"  {name}: {note}" for name, note in notes.items()]
     return "\n".join(lines)
 
 

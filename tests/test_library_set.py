@@ -135,7 +135,6 @@ def test_on_perfect_transcripts_the_search_finds_the_facts_and_nothing_for_unask
     and questions about projects no recording names find nothing at MIN_COVERAGE, while without the coverage
     rule every one of them finds some window (which a model would answer by inventing)."""
     from benchmarks.library_oracle import measure
-
     from eardrum.inference.library import MIN_COVERAGE
 
     report = measure(recordings=4, seed=0, work=tmp_path)["by_min_coverage"]

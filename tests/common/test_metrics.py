@@ -232,3 +232,51 @@ def test_cider_is_zero_for_a_single_item_corpus() -> None:
 def test_cider_length_mismatch_names_both_lengths() -> None:
     with pytest.raises(ValueError, match="hypotheses has 1 items but references_list has 2"):
         cider(["a"], [["a"], ["b"]])
+
+
+# ------------------------------------------------------------------ against the maintained implementations
+
+CAPTIONS = ["a man is speaking", "rain falls", "a dog barks twice and a car passes by",
+            "birds are singing in the morning near a river"]
+CAPTION_REFERENCES = [
+    ["a man speaks", "someone speaks", "a man is speaking while a bird is chirping in the background"],
+    ["rain is falling hard on a surface"],
+    ["a dog barks twice while a car passes by", "a car drives past and a dog barks"],
+    ["birds are singing near a river in the morning", "many birds sing by a river"],
+]
+
+
+def test_bleu_equals_sacrebleu_on_the_same_words() -> None:
+    """On texts already in eardrum's normal form (so 13a tokenisation splits them at spaces too), our corpus
+    BLEU-4 is sacrebleu's: the same clipped counts, brevity penalty and closest reference length; with a
+    variable number of references per item."""
+    from eardrum.common.metrics import sacrebleu_bleu
+
+    ours = bleu(CAPTIONS, CAPTION_REFERENCES)
+    theirs, signature = sacrebleu_bleu(CAPTIONS, CAPTION_REFERENCES)
+    assert ours > 0.2 and ours == pytest.approx(theirs, abs=1e-9)
+    assert signature.startswith("nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    # where some n has no match at all they part: ours is 0, sacrebleu's default exp smoothing is not (which is
+    # why `eardrum eval` reports both)
+    few, few_refs = CAPTIONS[:2], [r[:1] for r in CAPTION_REFERENCES[:2]]
+    assert bleu(few, few_refs) == 0.0 < sacrebleu_bleu(few, few_refs)[0] < 0.2
+
+
+def test_cider_d_gives_the_value_aac_metrics_publishes_for_its_example() -> None:
+    """aac-metrics' README: cider_d(["a man is speaking", "rain falls"], [...]) -> 0.9614 (after its PTB
+    tokeniser, which lower-cases and drops the full stops as our normaliser does)."""
+    candidates = ["a man is speaking", "rain falls"]
+    references = [["a man speaks.", "someone speaks.", "a man is speaking while a bird is chirping in the background"],
+                  ["rain is falling hard on a surface"]]
+    assert cider(candidates, references) == pytest.approx(0.9614, abs=5e-5)
+
+
+def test_wer_under_whispers_normaliser_forgives_what_published_wers_forgive() -> None:
+    from eardrum.common.metrics import whisper_normalize, word_error_rate_whisper
+
+    refs = ["Mr. Smith paid twenty-five dollars for the colour print.", "It is 5 o'clock."]
+    hyps = ["mister smith paid $25 for the color print", "it's five o'clock"]
+    assert whisper_normalize("Mr. Smith, colour!") == "mister smith color"
+    assert word_error_rate(refs, hyps)["wer"] > 0.3  # ours counts the spellings and numbers as errors
+    assert word_error_rate_whisper(refs, hyps)["wer"] == pytest.approx(0.0)
+    assert word_error_rate_whisper(["the cat sat"], ["the cat"])["deletions"] == 1

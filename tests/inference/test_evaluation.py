@@ -72,13 +72,15 @@ def test_asr_wer_and_cer_equal_hand_counts(built, answers, tmp_path):
     answers.update({"sound0_v0.wav": "the cat sat down", "sound1_v0.wav": "hello, WORLD!"})
     summary = evaluate_manifest(pair, manifest, "asr", out_dir=tmp_path, progress=False)
     # 1 inserted word over 3 + 2 reference words; " down" is 5 inserted characters over 11 + 11
-    assert summary["metrics"] == {"wer": 1 / 5, "cer": 5 / 22}
+    assert summary["metrics"] == {"wer": 1 / 5, "wer_whisper_norm": 1 / 5, "cer": 5 / 22}
+    assert "Whisper's English normaliser" in summary["metric_notes"]["wer_whisper_norm"]
     assert (summary["lines"], summary["scored"], summary["errors"]) == (3, 2, 1)
     rows = per_example(tmp_path)
     assert [r["line"] for r in rows] == [1, 2, 3]
-    assert rows[0]["scores"] == {"wer": 1 / 3, "cer": 5 / 11} and rows[0]["hypothesis"] == "the cat sat down"
+    assert rows[0]["scores"] == {"wer": 1 / 3, "wer_whisper_norm": 1 / 3, "cer": 5 / 11}
+    assert rows[0]["hypothesis"] == "the cat sat down"
     assert rows[0]["reference"] == "the cat sat" and "missing.wav" in rows[1]["error"]
-    assert rows[2]["scores"] == {"wer": 0.0, "cer": 0.0}
+    assert rows[2]["scores"] == {"wer": 0.0, "wer_whisper_norm": 0.0, "cer": 0.0}
     assert json.loads((tmp_path / "summary.json").read_text())["metrics"] == summary["metrics"]
 
 
