@@ -146,7 +146,8 @@ def test_wheel_holds_the_eardrum_namespace(tmp_path):
     for name in ("eardrum/adapters/model.py", "eardrum/training/trainer.py", "eardrum/inference/chat.py",
                  "eardrum/cli/main.py", "eardrum/cli/__main__.py", "eardrum/common/records.py",
                  "eardrum/demo/smoke.py", "eardrum/demo/run.py", "eardrum/configs/tiny.yaml",
-                 "eardrum/configs/accelerate/ddp.yaml"):
+                 "eardrum/configs/accelerate/ddp.yaml", "eardrum/inference/web/index.html",
+                 "eardrum/demo/sentences.txt"):
         assert name in names, name
     top = ("adapters/", "common/", "training/", "inference/", "cli/", "demo/", "configs/", "tests/")
     assert not [n for n in names if n.startswith(top)]
