@@ -97,3 +97,36 @@ def _serve(app, config: uvicorn.Config | None = None) -> Iterator[str]:
 def serve_in_thread() -> Callable:
     """`with serve_in_thread(app[, config]) as base_url: ...`"""
     return _serve
+
+
+@contextmanager
+def server_process(command: list[str], log, env: dict, base: str) -> Iterator[str]:
+    """Run `command` (an `eardrum serve` / `eardrum web` listening at `base`) with its output in the file `log`
+    (a file, not a pipe: a full pipe would stall the server); yield `base` once /health answers (a minute at
+    most, else the test fails with the log); terminate it afterwards."""
+    import subprocess
+
+    import httpx
+
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"the server did not answer /health within a minute:\n{log.read_text()}")
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)

@@ -31,6 +31,7 @@ import torch
 import uvicorn
 from openai import OpenAI
 
+from conftest import server_process
 from eardrum.adapters.checkpoint import load_pretrained
 from eardrum.adapters.tiny import TINY_SOUNDS, synth_sound
 from eardrum.cli.serve import listen
@@ -94,29 +95,8 @@ def server(checkpoint, tmp_path_factory) -> Iterator[str]:
         f"--max-request-bytes {MAX_REQUEST_BYTES}"
     )
     command = [sys.executable, "-m", "eardrum.cli", "serve", "--model", str(checkpoint), *options.split()]
-    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    base = f"http://{HOST}:{port}"
-    try:
-        for _ in range(240):
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        else:
-            pytest.fail(f"the server did not answer /health within a minute:\n{log.read_text()}")
+    with server_process(command, log, ENV, f"http://{HOST}:{port}") as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import base64
 import io
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import server_process
 from eardrum.adapters.tiny import TINY_SOUNDS, synth_sound
 from eardrum.common.generation import GenerationSettings
 from eardrum.demo.smoke import QUESTION, run_smoke
@@ -52,44 +52,15 @@ def checkpoint(tmp_path_factory) -> Path:
     return Path(run_smoke(tmp_path_factory.mktemp("web"), steps=60)["checkpoint"])
 
 
-def _start(command: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = command[command.index("--port") + 1]
-    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    base = f"http://{HOST}:{port}"
-    for _ in range(240):
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    process.kill()
-    pytest.fail(f"the server did not answer /health within a minute:\n{log.read_text()}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def web(checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`eardrum web` on the tiny checkpoint: (its address, its log file)."""
     log = tmp_path_factory.mktemp("web-log") / "server.log"
+    port = _free_port()
     command = [sys.executable, "-m", "eardrum.cli", "web", "--model", str(checkpoint), "--model-name", "tiny-ears",
-               "--host", HOST, "--port", str(_free_port()), "--max-audio-seconds", "20"]
-    process, base = _start(command, log)
-    try:
+               "--host", HOST, "--port", str(port), "--max-audio-seconds", "20"]
+    with server_process(command, log, ENV, f"http://{HOST}:{port}") as base:
         yield base, log
-    finally:
-        _stop(process)
 
 
 def _probe(base: str, name: str, blob: bytes, fmt: str | None = "wav") -> httpx.Response:
@@ -127,14 +98,12 @@ def test_probe_gives_the_duration_the_model_hears_and_names_what_is_wrong(web, t
 
 
 def test_serve_has_no_page_unless_asked(checkpoint, tmp_path):
+    port = _free_port()
     command = [sys.executable, "-m", "eardrum.cli", "serve", "--model", str(checkpoint), "--host", HOST, "--port",
-               str(_free_port())]
-    process, base = _start(command, tmp_path / "serve.log")
-    try:
+               str(port)]
+    with server_process(command, tmp_path / "serve.log", ENV, f"http://{HOST}:{port}") as base:
         assert httpx.get(f"{base}/", timeout=WAIT).status_code == 404
         assert httpx.get(f"{base}/web/config", timeout=WAIT).status_code == 404
-    finally:
-        _stop(process)
 
 
 # ------------------------------------------------------------------ in a real browser
