@@ -206,7 +206,7 @@ def _read_encoded(
     try:
         info = sf.info(open_())
     except sf.SoundFileError as err:
-        reason = (getattr(err, "error_string", None) or str(err)).strip()
+        reason = _sndfile_reason(err)
         if not _has_pyav():
             raise AudioDecodeError(f"{label}: could not decode ({reason}); expected {_FORMATS}") from err
         return _read_with_pyav(open_, label, max_seconds, reason)
@@ -214,9 +214,12 @@ def _read_encoded(
     try:
         data, rate = sf.read(open_(), dtype="float32", always_2d=True)  # (T, C)
     except sf.SoundFileError as err:
-        reason = getattr(err, "error_string", None) or str(err)
-        raise AudioDecodeError(f"{label}: could not decode ({reason.strip()}); expected {_FORMATS}") from err
+        raise AudioDecodeError(f"{label}: could not decode ({_sndfile_reason(err)}); expected {_FORMATS}") from err
     return data, rate
+
+
+def _sndfile_reason(err: sf.SoundFileError) -> str:
+    return (getattr(err, "error_string", None) or str(err)).strip()
 
 
 def _has_pyav() -> bool:
@@ -238,11 +241,11 @@ def _read_with_pyav(
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioDecodeError(f"{label}: the file holds no audio stream; expected {_FORMATS}")
-            if container.duration is not None and max_seconds is not None:
-                stated = container.duration / 1_000_000  # microseconds
-                if stated > max_seconds + 1:  # the stated length is approximate: decode what is near the limit
-                    _check_length(round(stated * (stream.rate or SAMPLING_RATE)), stream.rate or SAMPLING_RATE,
-                                  label, max_seconds)
+            stated = None if container.duration is None else container.duration / 1_000_000  # microseconds
+            if stated is not None and max_seconds is not None and stated > max_seconds + 1:
+                # the stated length is approximate: only one clearly over is refused before decoding
+                rate = stream.rate or SAMPLING_RATE
+                _check_length(round(stated * rate), rate, label, max_seconds)
             # planar float32, channels kept apart: (C, n) per frame
             resampler = av.AudioResampler(format="fltp", layout=None, rate=None)
             chunks, rate = [], None

@@ -27,7 +27,9 @@ from eardrum.common.generation import GenerationSettings
 from eardrum.demo.smoke import QUESTION, run_smoke
 from eardrum.inference.chat import RECORDING_INTRO, AudioChat
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# the server on the CPU even beside a GPU, as AudioChat is loaded below: both answer in float32
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "CUDA_VISIBLE_DEVICES": ""}
 HOST = "127.0.0.1"
 MAX_TOKENS = 12  # the page's "max tokens" in these tests, and AudioChat's max_new_tokens to compare with
 WAIT = 60  # seconds for anything the page does
@@ -198,7 +200,7 @@ def _ask(browser, question: str) -> str:
 
 
 def _expected(checkpoint: Path, wav: Path, name: str, question: str) -> str:
-    chat = AudioChat.from_pretrained(str(checkpoint))
+    chat = AudioChat.from_pretrained(str(checkpoint), device="cpu")
     chat.add_recording(str(wav), name=name)
     return chat.ask(question, settings=GenerationSettings(max_new_tokens=MAX_TOKENS))
 
@@ -317,3 +319,31 @@ def test_without_pyav_a_webm_is_refused_saying_what_to_install(monkeypatch):
     monkeypatch.setattr(audio, "_has_pyav", lambda: False)
     with pytest.raises(audio.AudioDecodeError, match=r"eardrum\[web\]"):
         audio.load_audio(webm, name="memo.webm")
+
+
+def test_a_browser_recording_over_the_limit_is_refused_and_stereo_is_averaged():
+    """An over-long webm is refused by its stated length, with the limit in the message; a stereo one comes out
+    as the mean of its two channels, as a stereo wav does."""
+    pytest.importorskip("av")
+    import av
+
+    from eardrum.adapters.audio import AudioTooLongError, load_audio
+
+    rate = 48000
+    with pytest.raises(AudioTooLongError, match="over the limit of 1 s"):
+        load_audio(_encoded(np.zeros(3 * rate, dtype=np.float32), rate, "webm", "libopus"), max_seconds=1,
+                   name="long.webm")
+    t = np.arange(rate) / rate
+    left = (0.4 * np.sin(2 * np.pi * (200 * t + 300 * t**2))).astype(np.float32)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=rate)
+        stream.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(np.stack([left, np.zeros_like(left)]), format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    decoded = load_audio(buffer.getvalue(), name="stereo.webm")
+    half = load_audio((left / 2, rate))
+    assert _correlation(decoded, half) >= 0.95
+    assert np.sqrt(np.mean(decoded**2)) == pytest.approx(np.sqrt(np.mean(half**2)), rel=0.1)
