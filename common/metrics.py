@@ -311,3 +311,11 @@ def sacrebleu_bleu(hypotheses: list[str], references_list: list[Alternatives]) -
     metric = BLEU()
     score = metric.corpus_score(list(hypotheses), streams)
     return score.score / 100, str(metric.get_signature())
+
+
+@functools.cache
+def sacrebleu_settings() -> str:
+    """sacrebleu's signature for `sacrebleu_bleu` without its `nrefs` field (which depends on the data): the
+    tokeniser, casing, smoothing and version, e.g. "case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"."""
+    signature = sacrebleu_bleu(["a"], [["a"]])[1]  # sacrebleu gives a signature only after a score
+    return "|".join(field for field in signature.split("|") if not field.startswith("nrefs:"))

@@ -30,6 +30,7 @@ from eardrum.common.metrics import (
     contains_answer,
     exact_match,
     sacrebleu_bleu,
+    sacrebleu_settings,
     word_error_rate,
     word_error_rate_whisper,
 )
@@ -57,7 +58,8 @@ METRIC_NOTES = {  # what each metric is, written into summary.json and under the
     "exact_match": "the answer equals a reference after eardrum's normaliser",
     "contains_answer": "a reference appears in the answer after eardrum's normaliser",
     "bleu4": "corpus BLEU-4 on eardrum-normalised words (equals sacrebleu's on the same words)",
-    "bleu4_sacrebleu": "corpus BLEU-4 by sacrebleu on the raw texts, signature {signature}",
+    "bleu4_sacrebleu": "corpus BLEU-4 by sacrebleu on the raw texts, signature {signature} (each item's own "
+                       "references)",
     "cider_d": "CIDEr-D as the COCO caption scorer defines it (0.9614 on aac-metrics' published example, as "
                "aac-metrics gives)",
 }
@@ -89,8 +91,7 @@ def metric_notes(task: str) -> dict[str, str]:
     """What each of the task's metrics is (`METRIC_NOTES`), sacrebleu's signature filled in."""
     notes = {name: METRIC_NOTES[name] for name in METRICS[task]}
     if "bleu4_sacrebleu" in notes:
-        signature = sacrebleu_bleu(["a"], [["a"]])[1].replace("nrefs:1", "nrefs:var")
-        notes["bleu4_sacrebleu"] = notes["bleu4_sacrebleu"].format(signature=signature)
+        notes["bleu4_sacrebleu"] = notes["bleu4_sacrebleu"].format(signature=sacrebleu_settings())
     return notes
 
 

@@ -110,6 +110,10 @@ def test_caption_bleu4_exact_match_and_cider(built, answers, tmp_path):
     assert summary["metrics"]["bleu4"] == pytest.approx((7 / 8 * 5 / 6 * 3 / 4 * 1 / 2) ** 0.25, abs=1e-12)
     assert summary["metrics"]["exact_match"] == 0.5
     assert summary["metrics"]["cider_d"] == cider(hyps, refs) and summary["metrics"]["cider_d"] > 0
+    # sacrebleu keeps case ("A" misses "a"): 6/8, 4/6, 2/4 and no 4-gram, which its exp smoothing counts as 1/4
+    assert summary["metrics"]["bleu4_sacrebleu"] == pytest.approx((6 / 8 * 4 / 6 * 2 / 4 * 1 / 4) ** 0.25, abs=1e-9)
+    note = summary["metric_notes"]["bleu4_sacrebleu"]
+    assert "tok:13a" in note and "smooth:exp" in note and "nrefs" not in note
     assert per_example(tmp_path)[0]["scores"] == {"bleu4": 1.0, "exact_match": 1.0}
 
 
