@@ -69,18 +69,24 @@ def _train(name: str, overrides: list[str], say, processes: int = 1) -> Path:
 def _train_processes(name: str, recipe, overrides: list[str], processes: int) -> dict:
     """Run `eardrum train name overrides` as `processes` DDP processes on this machine; returns its summary.json.
     Raises RuntimeError naming the command when the processes fail (their own output says why)."""
-    batch = recipe.data.batch_size
-    if batch % processes:
-        raise ValueError(f"--processes {processes}: the recipe {name}'s data.batch_size {batch} does not divide "
-                         "among the processes; choose a divisor of it")
+    per_process = _per_process_batch(name, recipe.data.batch_size, processes)
     threads = max(1, (os.cpu_count() or processes) // processes)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "eardrum.cli", "train", name, *overrides, f"data.batch_size={batch // processes}"]
+               "-m", "eardrum.cli", "train", name, *overrides, f"data.batch_size={per_process}"]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False)
     if done.returncode:
         raise RuntimeError(f"training {name} in {processes} processes failed (exit status {done.returncode}): "
                            f"{' '.join(command)}")
     return json.loads((Path(recipe.output_dir) / "summary.json").read_text())
+
+
+def _per_process_batch(name: str, batch: int, processes: int) -> int:
+    """The batch each of `processes` processes takes so that a step sees recipe `name`'s `batch`; ValueError
+    when it does not divide."""
+    if batch % processes:
+        raise ValueError(f"--processes {processes}: the recipe {name}'s data.batch_size {batch} does not divide "
+                         "among the processes; choose a divisor of it")
+    return batch // processes
 
 
 def _stage(name: str, folder: Path, overrides: list[str], resume: bool, say, processes: int = 1) -> Path:
@@ -310,6 +316,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         processes = default_processes()
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
+    for name in ("demo", "demo_stage2"):  # named now, not after the data and stage 1
+        _per_process_batch(name, load_recipe(name).data.batch_size, processes)
     start = time.perf_counter()
     parts: dict[str, float] = {}  # seconds per part of the run, in order
     lap = _stopwatch(parts)

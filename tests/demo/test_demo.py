@@ -232,3 +232,7 @@ def test_stages_in_several_processes_keep_the_recipes_batch_per_step(tmp_path, m
     monkeypatch.setattr(run.subprocess, "run", lambda command, env, check: sp.CompletedProcess(command, 1))
     with pytest.raises(RuntimeError, match="training demo in 2 processes failed"):
         run._train_processes("demo", recipe, overrides, 2)
+    monkeypatch.setattr(run, "_train", lambda *a: pytest.fail("nothing starts with a batch that does not divide"))
+    with pytest.raises(ValueError, match="data.batch_size 8 does not divide among the processes"):
+        run.run_demo(tmp_path / "demo", processes=3)  # before any asset is fetched or data made
+    assert not (tmp_path / "demo").exists()
