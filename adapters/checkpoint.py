@@ -150,14 +150,23 @@ def _jsonable(value):
     return str(value.value if hasattr(value, "value") else value)
 
 
-def read_checkpoint_meta(directory: str | Path) -> dict:
-    """The parsed eardrum_config.json of a checkpoint directory.
+def checkpoint_folder(ref: str | Path, revision: str | None = None) -> Path:
+    """The local folder of a checkpoint given as a folder or a Hub id `org/name[@revision]`
+    (`eardrum.adapters.hub.resolve_checkpoint`: fetched once into the Hugging Face cache)."""
+    from .hub import resolve_checkpoint
+
+    return resolve_checkpoint(ref, revision)
+
+
+def read_checkpoint_meta(directory: str | Path, revision: str | None = None) -> dict:
+    """The parsed eardrum_config.json of a checkpoint (a folder or a Hub id, see `checkpoint_folder`).
 
     Raises:
         CheckpointError: the file is missing, is not JSON, or is not the object eardrum writes (a
             "config" object, a "frame_spec" object and an integer "placeholder_id"); the message names it.
     """
-    path = Path(directory) / CONFIG_NAME
+    directory = checkpoint_folder(directory, revision)
+    path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not an eardrum checkpoint: {CONFIG_NAME} is missing")
     try:
@@ -234,10 +243,11 @@ def check_adapter_dir(adapter_dir: Path) -> None:
     safetensors_shapes(adapter_dir / ADAPTER_WEIGHTS)
 
 
-def load_processor(directory: str | Path) -> AudioProcessor:
-    """Rebuild the processor of a checkpoint without loading any model weights."""
+def load_processor(directory: str | Path, revision: str | None = None) -> AudioProcessor:
+    """Rebuild the processor of a checkpoint (a folder or a Hub id) without loading any model weights."""
     from transformers import AutoFeatureExtractor, AutoTokenizer
 
+    directory = checkpoint_folder(directory, revision)
     meta = read_checkpoint_meta(directory)
     config = stored_config(meta, Path(directory) / CONFIG_NAME)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -255,17 +265,20 @@ def load_pretrained(
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    revision: str | None = None,
 ) -> tuple[AudioLLM, AudioProcessor]:
-    """Rebuild the model of a checkpoint directory from its base sources and its trained weights.
-    `device` places a quantized LLM as it loads (`sources.load_causal_lm`).
+    """Rebuild the model of a checkpoint from its base sources and its trained weights.
+    `directory` is a checkpoint folder or a Hub id `org/name[@revision]` (or with `revision=`), fetched once
+    into the Hugging Face cache. `device` places a quantized LLM as it loads (`sources.load_causal_lm`).
 
     `trust_remote_code` lets the LLM's own Python code run; only the caller decides it. A checkpoint
     whose config says `"trust_remote_code": true` gets a warning and loads without it.
 
     Raises:
-        CheckpointError: a file of the checkpoint is missing, corrupt, pickled, or does not match its base models.
+        CheckpointError: a file of the checkpoint is missing, corrupt, pickled, or does not match its base
+            models; or a Hub id that cannot be fetched.
     """
-    directory = Path(directory)
+    directory = checkpoint_folder(directory, revision)
     meta = read_checkpoint_meta(directory)
     config = stored_config(meta, directory / CONFIG_NAME)
     if config.trust_remote_code and not trust_remote_code:
@@ -339,6 +352,7 @@ def merge_lora(directory: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a folder; merge-lora writes a transformers folder there")
+    directory = checkpoint_folder(directory)
     meta = read_checkpoint_meta(directory)
     if not meta.get("has_lora"):
         raise CheckpointError(f"{directory} has no LoRA adapter to merge")

@@ -97,8 +97,8 @@ def _place(model, device, dtype):
     return model.eval()
 
 
-def load_placed(directory: str | os.PathLike, placement: Placement = Placement()):
-    """Load a checkpoint directory and place it; returns (model, processor).
+def load_placed(directory: str | os.PathLike, placement: Placement = Placement(), revision: str | None = None):
+    """Load a checkpoint (a folder or a Hub id `org/name[@revision]`) and place it; returns (model, processor).
 
     Raises:
         PlacementError: the placement is invalid, or names CUDA where there is none.
@@ -108,7 +108,8 @@ def load_placed(directory: str | os.PathLike, placement: Placement = Placement()
 
     device, dtype = _resolved(placement)
     model, processor = load_pretrained(directory, quantization=placement.quantization, dtype=dtype,
-                                       trust_remote_code=placement.trust_remote_code, device=device)
+                                       trust_remote_code=placement.trust_remote_code, device=device,
+                                       revision=revision)
     _place(model, device, dtype)
     quantization = placement.quantization or "none"
     logger.info("loaded %s on %s in %s (LLM quantization %s)", directory, device, dtype, quantization)

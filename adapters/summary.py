@@ -13,6 +13,7 @@ from .checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
     check_adapter_dir,
+    checkpoint_folder,
     read_checkpoint_meta,
     safetensors_shapes,
     stored_config,
@@ -41,7 +42,7 @@ def describe_checkpoint(directory: str | Path) -> dict:
     Raises:
         CheckpointError: a file of the checkpoint is missing, corrupt or pickled; the message names it.
     """
-    directory = Path(directory)
+    directory = checkpoint_folder(directory)
     meta = read_checkpoint_meta(directory)
     config = stored_config(meta, directory / CONFIG_NAME)
     try:

@@ -82,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--model", required=True, help="checkpoint folder, or Hub id org/name[@revision]")
     parser.add_argument("--manifest", required=True, help="JSONL manifest (asr/caption, qa or chat lines)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per call (default: %(default)s)")
     parser.add_argument("--prompt", help="the prompt for asr / caption lines (default: the task's default prompt)")

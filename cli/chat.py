@@ -36,7 +36,8 @@ anything else is a question."""
 def add_chat_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register the `chat` and `ask` subcommands (each sets `run` to its handler)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    common.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint folder, or Hub id org/name[@revision]")
     common.add_argument(
         "--audio", action="append", default=[], metavar="[NAME=]FILE", help="a recording (repeat for more)"
     )

@@ -24,7 +24,8 @@ def add_library_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register the `index` and `library` subcommands."""
     index = subparsers.add_parser("index", help="index recordings into a library of timestamped windows")
     index.add_argument("sources", nargs="+", metavar="SOURCE", help="recordings and folders of recordings")
-    index.add_argument("--model", required=True, metavar="DIR", help="the checkpoint that transcribes each window")
+    index.add_argument("--model", required=True, metavar="DIR",
+                       help="the checkpoint (folder or Hub id org/name[@rev]) that transcribes each window")
     index.add_argument("--library", required=True, metavar="LIB", help="the library file (created if new)")
     index.add_argument("--window", type=float, help="window length in seconds, for a new library (default: 20)")
     index.add_argument("--overlap", type=float, help="overlap of windows in seconds, for a new library (default: 5)")
@@ -56,15 +57,16 @@ def run_index(args: argparse.Namespace) -> int:
     try:
         list(audio_files(args.sources))  # a missing source is named before the model loads
         library = AudioLibrary(args.library, window_s=args.window, overlap_s=args.overlap)
-        from eardrum.adapters.checkpoint import read_checkpoint_meta
+        from eardrum.adapters.checkpoint import checkpoint_folder, read_checkpoint_meta
         from eardrum.adapters.placement import load_placed
         from eardrum.inference.library import model_describer
 
-        read_checkpoint_meta(args.model)
-        model, processor = load_placed(args.model, placement(args))
+        folder = checkpoint_folder(args.model)  # a Hub id is fetched into the Hugging Face cache
+        read_checkpoint_meta(folder)
+        model, processor = load_placed(folder, placement(args))
         with library:
             summary = library.index(args.sources, model_describer(model, processor),
-                                    describer=str(Path(args.model).resolve()), progress=print)
+                                    describer=str(folder.resolve()), progress=print)
     except (LibraryError, ValueError, OSError) as err:
         return _fail("index", err)
     for path, why in summary["skipped"]:

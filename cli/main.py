@@ -6,6 +6,7 @@
     eardrum info MODEL_DIR [--json]        what a checkpoint holds
     eardrum smoke [--out DIR] [--steps N]  a tiny end-to-end run on random tiny models
     eardrum merge-lora MODEL_DIR OUT_DIR   export the LLM with its LoRA merged in
+    eardrum push MODEL_DIR ORG/NAME [--private] [--revision B] [--dry-run]   publish on the Hub with a model card
     eardrum chat --model DIR [--audio [NAME=]FILE ...]                      talk about recordings, answers streamed
     eardrum ask --model DIR --audio [NAME=]FILE [...] [--json] "question"   one answer, for scripts
     eardrum serve --model DIR [--host H] [--port N]   an OpenAI-compatible HTTP server (input_audio parts)
@@ -89,6 +90,23 @@ def _merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from eardrum.adapters.hub import plan_push, push_checkpoint
+
+    plan = plan_push(args.model_dir, args.repo_id, encoder=args.encoder, llm=args.llm, license=args.license,
+                     allow_local_bases=args.allow_local_bases)
+    if args.dry_run:
+        print(plan.card)
+        print(f"files for {plan.repo_id}{'@' + args.revision if args.revision else ''} (nothing uploaded):")
+        for name in plan.files:
+            print(f"  {name}")
+        return 0
+    url = push_checkpoint(plan, private=args.private, revision=args.revision, commit_message=args.message)
+    print(f"pushed {len(plan.files)} files to {plan.repo_id}: {url}")
+    print(f'load it with AudioChat.from_pretrained("{plan.repo_id}") or --model {plan.repo_id}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from eardrum.adapters import __version__
@@ -122,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--readme", metavar="README", help="with --report: write the table into this README")
     demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="print what a checkpoint directory holds")
-    info.add_argument("model_dir")
+    info.add_argument("model_dir", help="a checkpoint folder, or a Hub id org/name[@revision]")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(run=_info)
     smoke = sub.add_parser("smoke", help="tiny end-to-end run: build, train, save, reload, answer")
@@ -133,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("model_dir")
     merge.add_argument("out_dir")
     merge.set_defaults(run=_merge_lora)
+    push = sub.add_parser("push", help="publish a checkpoint on the Hugging Face Hub with a generated model card")
+    push.add_argument("model_dir", help="the checkpoint folder")
+    push.add_argument("repo_id", help="the Hub repository, org/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created if missing)")
+    push.add_argument("--encoder", metavar="ORG/NAME",
+                      help="the Hub id of the encoder's weights, for a checkpoint trained on a local copy of them")
+    push.add_argument("--llm", metavar="ORG/NAME",
+                      help="the Hub id of the LLM's weights, for a checkpoint trained on a local copy of them")
+    push.add_argument("--allow-local-bases", action="store_true",
+                      help="publish even though a base is a local path nobody else can load")
+    push.add_argument("--license", help="the licence of the trained weights, for the card (e.g. apache-2.0)")
+    push.add_argument("--message", help="the commit message")
+    push.add_argument("--dry-run", action="store_true", help="print the card and the file list; upload nothing")
+    push.set_defaults(run=_push)
     from eardrum.cli.batch import add_batch_parsers
     from eardrum.cli.chat import add_chat_parsers
     from eardrum.cli.library import add_library_parsers

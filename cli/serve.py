@@ -79,8 +79,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _server_arguments(serve: argparse.ArgumentParser, port: int) -> None:
-    serve.add_argument("--model", required=True, metavar="DIR", help="the checkpoint folder")
-    serve.add_argument("--model-name", help="the id clients send as `model` (default: the folder's name)")
+    serve.add_argument("--model", required=True, metavar="DIR",
+                       help="the checkpoint folder, or a Hub id org/name[@revision]")
+    serve.add_argument("--model-name",
+                       help="the id clients send as `model` (default: the folder's name, or the Hub id)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=_port, default=port, help="port to listen on (default: %(default)s)")
     default = lambda name: field_default(ServerSettings, name)  # noqa: E731
@@ -167,11 +169,18 @@ def _server_arguments(serve: argparse.ArgumentParser, port: int) -> None:
 
 
 def _check_model_dir(model: str) -> Path:
-    # Only that it is a folder: what is inside is checked when it loads, once torch is imported.
+    # A folder, or a Hub id fetched now, before the port is taken; what is inside is checked when it loads.
+    from eardrum.adapters.hub import is_hub_id
+
     path = Path(model)
-    if not path.is_dir():
-        raise ValueError(f"--model {model}: no such folder; expected an eardrum checkpoint folder")
-    return path
+    if path.is_dir():
+        return path
+    if path.exists() or not is_hub_id(model):
+        raise ValueError(f"--model {model}: no such folder; expected an eardrum checkpoint folder or a Hub id "
+                         "org/name[@revision]")
+    from eardrum.adapters.checkpoint import checkpoint_folder
+
+    return checkpoint_folder(model)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -198,7 +207,8 @@ def run_serve(args: argparse.Namespace) -> int:
     model_dir = _check_model_dir(args.model)
     chosen = placement(args)  # a bad --device, --dtype or --quantization is named before anything loads
     settings = ServerSettings(
-        model_name=args.model_name or model_dir.resolve().name,
+        model_name=args.model_name or (args.model.split("@")[0] if not Path(args.model).exists()
+                                       else model_dir.resolve().name),
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         max_new_tokens=args.max_new_tokens,

@@ -99,11 +99,13 @@ class AudioChat:
         quantization: str | None = None,
         settings: GenerationSettings | None = None,
         trust_remote_code: bool = False,
+        revision: str | None = None,
     ) -> AudioChat:
-        """Load a checkpoint directory for chatting, placed by `eardrum.adapters.placement.load_placed`.
+        """Load a checkpoint for chatting, placed by `eardrum.adapters.placement.load_placed`.
 
         Args:
-            directory: a checkpoint written by `save_pretrained`.
+            directory: a checkpoint folder written by `save_pretrained`, or a Hub id `org/name[@revision]`
+                (fetched once into the Hugging Face cache; `HF_HUB_OFFLINE` and tokens as configured).
             device: "auto" (the default: cuda when available, else cpu), "cpu", "cuda", "cuda:N", "mps".
             dtype: a torch dtype or "auto" | "float32" | "bfloat16" | "float16"; "auto" (the default) is
                 bfloat16 on a GPU that supports it (else float16), float32 on CPU.
@@ -111,12 +113,14 @@ class AudioChat:
             settings: default generation settings for `ask` and `stream`.
             trust_remote_code: let the LLM's own Python code run (off unless given here; a checkpoint
                 that asks for it gets a warning instead).
+            revision: a branch, tag or commit of a Hub checkpoint.
         """
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         given = {"device": None if device is None else str(device), "dtype": dtype, "quantization": quantization,
                  "trust_remote_code": trust_remote_code}
-        model, processor = load_placed(directory, Placement(**{k: v for k, v in given.items() if v is not None}))
+        model, processor = load_placed(directory, Placement(**{k: v for k, v in given.items() if v is not None}),
+                                       revision=revision)
         return cls(model, processor, settings=settings, name=str(directory))
 
     # ------------------------------------------------------------------ recordings

@@ -82,7 +82,7 @@ class TrainSettings:
     keep_checkpoints: int = 2
     resume_from: str | None = None  # "latest" or a checkpoint folder
     overwrite: bool = False  # a fresh run into a folder holding an earlier run clears it first (else: refused)
-    init_from: str | None = None  # start from a saved eardrum model (e.g. stage 1 for stage 2)
+    init_from: str | None = None  # start from a saved eardrum model: a folder (e.g. stage 1) or Hub id org/name[@rev]
     tensorboard: bool = False
     log_examples: bool = False  # write output_dir/examples-rank{R}.jsonl: which examples each rank saw per step
     eval_max_new_tokens: int = 48
