@@ -22,6 +22,8 @@ from eardrum.adapters.config import AudioLLMConfig, ConfigError
 from eardrum.adapters.sources import QUANTIZATIONS
 from eardrum.common.generation import MAX_TRAIN_SEED
 
+from .trackers import tracker_problems
+
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16", "auto")
 
@@ -83,7 +85,9 @@ class TrainSettings:
     resume_from: str | None = None  # "latest" or a checkpoint folder
     overwrite: bool = False  # a fresh run into a folder holding an earlier run clears it first (else: refused)
     init_from: str | None = None  # start from a saved eardrum model: a folder (e.g. stage 1) or Hub id org/name[@rev]
-    tensorboard: bool = False
+    report_to: list[str] = field(default_factory=list)  # trackers through accelerate: tensorboard, wandb, mlflow, ...
+    tracker_project: str = "eardrum"  # the W&B project, MLflow experiment, ... the run logs into
+    tensorboard: bool = False  # the same as report_to: [tensorboard]
     log_examples: bool = False  # write output_dir/examples-rank{R}.jsonl: which examples each rank saw per step
     eval_max_new_tokens: int = 48
     eval_generate_limit: int = 64  # eval examples decoded for WER / accuracy
@@ -248,6 +252,7 @@ def _check(recipe: Recipe) -> list[str]:
     for name in ("epochs", "log_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             out.append(f"train.{name}: expected >= 1, got {getattr(t, name)}")
+    out += tracker_problems(t.report_to, t.tensorboard)
     k = recipe.distill
     for name in ("kl_weight", "ce_weight"):
         if not getattr(k, name) >= 0:

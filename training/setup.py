@@ -17,6 +17,7 @@ from eardrum.adapters.transcribe import WhisperTranscriber
 from eardrum.common.records import Record
 
 from .recipe import Recipe
+from .trackers import Trackers
 
 
 def build_optimizer(model: AudioLLM, recipe: Recipe) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
@@ -126,31 +127,23 @@ def trim_jsonl(path: Path, keep_until: int | None) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard), written by the main process; `plot()` draws loss.png."""
+    """metrics.jsonl, written by the main process, and each record to the run's trackers (`train.report_to`);
+    `plot()` draws loss.png."""
 
-    def __init__(self, out: Path, main: bool, tensorboard: bool, keep_until: int | None = None) -> None:
+    def __init__(self, out: Path, main: bool, trackers: Trackers | None = None, keep_until: int | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self.main = main
-        self.writer = None
-        if not main:
-            return
-        trim_jsonl(self.path, keep_until)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ValueError("train.tensorboard: install the tensorboard package or set it to false") from err
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.trackers = trackers
+        if main:
+            trim_jsonl(self.path, keep_until)
 
     def write(self, record: dict) -> None:
         if not self.main:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def plot(self) -> None:
         """Redraw loss.png; a plot problem is logged, never allowed to stop training."""
@@ -166,5 +159,5 @@ class MetricsLog:
                 logging.getLogger(__name__).warning("could not draw loss.png: %s", err)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.end()

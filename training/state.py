@@ -234,7 +234,7 @@ def _running(pid: int) -> bool:
 
 
 LOCK_NAME = ".eardrum-train.lock"  # in output_dir while a run trains into it: {"pid", "host"}
-RUN_OUTPUTS = ("final", "checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
+RUN_OUTPUTS = ("final", "checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "trackers.json")
 
 
 class OutputDirError(RuntimeError):

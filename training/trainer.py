@@ -59,6 +59,7 @@ from .state import (
     earlier_run,
     save_final,
 )
+from .trackers import TENSORBOARD_DIR, Trackers, tracker_names
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -101,6 +102,7 @@ class StepContext:
 def _accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     precision = resolve_precision(recipe.train.mixed_precision)
     state = AcceleratorState._shared_state
@@ -115,7 +117,11 @@ def _accelerator(recipe: Recipe):
             "(on CPU ones it refuses fsdp_sync_module_states and, without it, falls back to DDP with the whole "
             "model in every process); for CPU processes use configs/accelerate/ddp.yaml"
         )
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    trackers = tracker_names(recipe.train.report_to, recipe.train.tensorboard)
+    project = ProjectConfiguration(project_dir=recipe.output_dir,
+                                   logging_dir=str(Path(recipe.output_dir) / TENSORBOARD_DIR))
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                       project_config=project)
 
 
 def _build_model(recipe: Recipe, device: torch.device):
@@ -180,7 +186,13 @@ def train(recipe: Recipe) -> dict:
     """
     acc = _accelerator(recipe)
     with RunLock(recipe.output_dir) if acc.is_main_process else contextlib.nullcontext():
-        return _train(recipe, acc)
+        try:
+            return _train(recipe, acc)
+        except BaseException:
+            if getattr(acc, "trackers", None):  # a run that failed still closes its trackers' runs
+                with contextlib.suppress(Exception):
+                    acc.end_training()
+            raise
 
 
 def _train(recipe: Recipe, acc) -> dict:
@@ -237,7 +249,9 @@ def _train(recipe: Recipe, acc) -> dict:
     weights = {s.label: s.weight for s in train_sources}
     progress = Progress()
     resume = _maybe_resume(recipe, core, optimizer, progress, acc)
-    metrics = MetricsLog(out, main, recipe.train.tensorboard, keep_until=progress.step if resume else None)
+    trackers = Trackers(acc, tracker_names(t.report_to, t.tensorboard), out, t.tracker_project)
+    metrics = MetricsLog(out, main, trackers, keep_until=progress.step if resume else None)
+    trackers.start(recipe.to_dict(), resumed=resume is not None)
     if t.log_examples:
         trim_jsonl(out / f"examples-rank{acc.process_index}.jsonl", progress.step if resume else None)
 
