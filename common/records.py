@@ -79,8 +79,13 @@ class DataSource:
     """One place examples come from: a JSONL manifest or a `datasets` dataset."""
 
     path: str | None = None  # a JSONL manifest
-    dataset: str | None = None  # a hub name, or a local folder written by `save_to_disk`
+    dataset: str | None = None  # a hub name, a builder (audiofolder, parquet, ...), or a `save_to_disk` folder
+    config: str | None = None  # the dataset's configuration (e.g. librispeech_asr "clean"), `load_dataset`'s name
     split: str = "train"  # dataset split; unused for manifests
+    revision: str | None = None  # a branch, tag or commit of a hub dataset
+    data_dir: str | None = None  # a builder's folder (audiofolder: audio files with a metadata.csv / .jsonl)
+    data_files: str | list[str] | dict[str, Any] | None = None  # a builder's files (parquet: globs or a list)
+    streaming: bool = False  # read as training goes, never all held: see `eardrum.training.stream`
     columns: dict[str, str] = field(default_factory=dict)  # our field -> dataset column (or manifest key)
     weight: float = 1.0  # examples per epoch = round(weight * size), see `mix_indices`
     task: str | None = None  # force a task; None = inferred per record from its fields
@@ -88,18 +93,27 @@ class DataSource:
 
     @property
     def label(self) -> str:
-        """`name`, else the manifest's file name or the dataset's last path component."""
-        return self.name or os.path.basename(os.path.normpath(self.path or self.dataset or "?"))
+        """`name`, else the manifest's file name, or the last path component of the dataset's data_dir or name."""
+        return self.name or os.path.basename(os.path.normpath(self.path or self.data_dir or self.dataset or "?"))
 
     def problems(self) -> list[str]:
         """Every problem with these settings, each naming the field (empty when valid)."""
         out = []
         if (self.path is None) == (self.dataset is None):
             out.append(f"path / dataset: expected exactly one, got path={self.path!r}, dataset={self.dataset!r}")
-        for key in ("path", "dataset", "name", "split"):
+        for key in ("path", "dataset", "name", "split", "config", "revision", "data_dir"):
             value = getattr(self, key)
             if (value is not None or key == "split") and (not isinstance(value, str) or not value):
                 out.append(f"{key}: expected a non-empty string, got {value!r}")
+        if self.path is not None:
+            given = [k for k in ("config", "revision", "data_dir", "data_files") if getattr(self, k) is not None]
+            if given:
+                out.append(f"{', '.join(given)}: only for a `dataset` source; a manifest (path) has none")
+        if self.data_files is not None and not isinstance(self.data_files, (str, list, dict)):
+            out.append(f"data_files: expected a path or glob, a list of them, or split -> files; "
+                       f"got {self.data_files!r}")
+        if not isinstance(self.streaming, bool):
+            out.append(f"streaming: expected true or false, got {self.streaming!r}")
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w <= 0:
             out.append(f"weight: expected a positive number, got {w!r}")
@@ -296,6 +310,13 @@ def _manifest_rows(source: DataSource) -> Rows:
 def _dataset_rows(source: DataSource) -> Rows:
     ds, base = _open_dataset(source)
     where, names, taken = f"dataset {source.label}", ds.column_names, set(source.columns.values())
+    if names is None:  # a stream whose features are not declared: the first row shows its columns
+        try:
+            names = list(next(iter(ds)))
+        except StopIteration:
+            names = []
+        except Exception as err:  # noqa: BLE001 - whatever the reader raises, the source cannot be read
+            raise _fail(where, f"cannot read its first row ({type(err).__name__}: {err})") from err
     missing = {f: c for f, c in source.columns.items() if c not in names}
     if missing:
         raise _fail(where, f"columns: {missing} not found; the dataset has columns {names}")
@@ -306,6 +327,11 @@ def _dataset_rows(source: DataSource) -> Rows:
     ds = ds.select_columns(sorted(set(mapping.values())))
 
     def rows() -> Rows:
+        if not hasattr(ds, "__len__"):  # a streamed (iterable) dataset: row by row, as it arrives
+            for k, row in enumerate(ds):
+                raw = {f: row.get(c) for f, c in mapping.items()}
+                yield f"{where}[{k}]", {f: v for f, v in raw.items() if v is not None}, base
+            return
         for start in range(0, len(ds), 512):
             block = ds[start : start + 512]  # column -> list: much faster than row by row
             for k in range(len(block[next(iter(mapping.values()))])):
@@ -315,30 +341,84 @@ def _dataset_rows(source: DataSource) -> Rows:
     return rows()
 
 
+def open_rows(source: DataSource) -> Rows:
+    """A fresh pass over one source's raw rows, `(where, raw, base)`, read lazily (a streamed dataset row by
+    row as it arrives); check each with `RecordChecker.record`.
+
+    Raises:
+        DataError: the source is misconfigured or cannot be opened.
+    """
+    return _open_all([source])[0]
+
+
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what `save_to_disk` leaves in its folder
+AUDIOFOLDER = "audiofolder"
+AUDIOFOLDER_METADATA = {"metadata.jsonl": "json", "metadata.csv": "csv", "metadata.parquet": "parquet"}
+
+
+def _open_audiofolder(source: DataSource, datasets, where: str) -> tuple[Any, str]:
+    """An audiofolder as `datasets` defines it for text data: audio files beside a metadata file (in
+    `data_dir/SPLIT/` or `data_dir/`) whose `file_name` column names each file and whose other columns hold
+    its text. Read through the metadata file alone: `datasets`' own audiofolder builder encodes every clip
+    with torchcodec, which eardrum does not need (it decodes audio itself)."""
+    if source.data_dir is None:
+        raise _fail(where, "data_dir: an audiofolder source needs the folder that holds the audio and its metadata")
+    found = [(os.path.join(folder, name), builder, folder)
+             for folder in (os.path.join(source.data_dir, source.split), source.data_dir)
+             for name, builder in AUDIOFOLDER_METADATA.items() if os.path.isfile(os.path.join(folder, name))]
+    if not found:
+        raise _fail(where, f"data_dir: no {', '.join(AUDIOFOLDER_METADATA)} in {source.data_dir} or its "
+                           f"{source.split}/ folder; list each clip's file_name and its text columns in one")
+    metadata, builder, folder = found[0]
+    try:
+        ds = datasets.load_dataset(builder, data_files=metadata, split="train", streaming=source.streaming)
+    except Exception as err:  # noqa: BLE001 - datasets raises many unrelated types; all mean the same here
+        raise _fail(where, f"{metadata}: cannot load it ({type(err).__name__}: {err})") from err
+    names = ds.column_names or []
+    if "file_name" not in names:
+        raise _fail(where, f"{metadata}: no file_name column naming each clip; it has columns {names}")
+    if source.columns.get("audio", "audio") in names:
+        raise _fail(where, f"{metadata}: has both file_name and an audio column; map the one to read in columns")
+    return ds.rename_column("file_name", source.columns.get("audio", "audio")), os.path.abspath(folder)
+
+
 def _open_dataset(source: DataSource) -> tuple[Any, str]:
-    """The split as a Dataset with audio left undecoded, and the folder relative paths start from."""
-    where = f"dataset {source.dataset}"
+    """The split as a Dataset (an IterableDataset when streaming) with audio left undecoded, and the folder
+    relative paths start from."""
+    where = f"dataset {source.dataset}" + (f" ({source.config})" if source.config else "")
     try:
         import datasets
     except ImportError as err:
         raise _fail(where, "the 'datasets' package is missing; pip install 'eardrum[data]'") from err
-    local = os.path.isdir(source.dataset)
+    if source.dataset == AUDIOFOLDER:
+        return _open_audiofolder(source, datasets, where)
+    saved = os.path.isdir(source.dataset) and any(
+        os.path.isfile(os.path.join(source.dataset, n)) for n in SAVED_DATASET_FILES)
     try:
-        ds = (
-            datasets.load_from_disk(source.dataset)
-            if local
-            else datasets.load_dataset(source.dataset, split=source.split)
-        )
+        if saved:
+            ds = datasets.load_from_disk(source.dataset)
+        else:
+            ds = datasets.load_dataset(source.dataset, source.config, split=source.split, revision=source.revision,
+                                       data_dir=source.data_dir, data_files=source.data_files,
+                                       streaming=source.streaming)
     except Exception as err:  # datasets raises many unrelated types for "not there"; all mean the same here
         raise _fail(where, f"cannot load it ({type(err).__name__}: {err})") from err
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if source.split not in ds:
             raise _fail(where, f"split: no split {source.split!r}; it has {list(ds)}")
         ds = ds[source.split]
-    for column, feature in ds.features.items():
+    if source.streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()
+    for column, feature in (ds.features or {}).items():
         if isinstance(feature, datasets.Audio):  # our own load_audio decodes later; datasets must not
             ds = ds.cast_column(column, datasets.Audio(decode=False))
-    return ds, os.path.abspath(source.dataset) if local else os.getcwd()
+    if saved:
+        base = os.path.abspath(source.dataset)
+    elif source.data_dir is not None:
+        base = os.path.abspath(source.data_dir)
+    else:
+        base = os.getcwd()
+    return ds, base
 
 
 def _fail(where: str, message: str) -> DataError:

@@ -48,6 +48,8 @@ class DataSettings:
     max_tokens: int | None = None  # padded tokens per batch (a token budget) instead of batch_size
     group_by_length: bool = True
     skip_bad: bool = False  # skip bad examples (listed in output_dir/bad_examples.jsonl) instead of stopping
+    shuffle_buffer: int = 1000  # streamed sources: rows of one source shuffled together
+    group_buffer: int = 1000  # streamed sources: mixed examples length-grouped together
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,16 @@ def _check(recipe: Recipe) -> list[str]:
             out.append(f"data.{name}: expected a positive integer, got {getattr(d, name)}")
     if not d.train:
         out.append("data.train: expected at least one data source")
+    for name in ("shuffle_buffer", "group_buffer"):
+        if getattr(d, name) < 1:
+            out.append(f"data.{name}: expected >= 1, got {getattr(d, name)}")
+    if streams(d.train):
+        if t.max_steps is None:
+            out.append("train.max_steps: a streamed training source (streaming: true) has no known length; "
+                       "set the number of optimizer steps")
+        if recipe.cache.enabled:
+            out.append("cache.enabled: the feature cache is filled from every example before training, and a "
+                       "streamed source is read as training goes; set cache.enabled: false")
     if o.scheduler not in SCHEDULERS:
         out.append(f"optim.scheduler: expected one of {', '.join(SCHEDULERS)}, got {o.scheduler!r}")
     if not o.lr > 0:
@@ -264,6 +276,11 @@ def _check(recipe: Recipe) -> list[str]:
     if recipe.cache.dtype not in ("float32", "float16", "bfloat16"):
         out.append(f"cache.dtype: expected float32, float16 or bfloat16, got {recipe.cache.dtype!r}")
     return out
+
+
+def streams(sources: list[dict]) -> bool:
+    """True when some training source says `streaming: true` (then every training source is read as a stream)."""
+    return any(isinstance(s, dict) and s.get("streaming") is True for s in sources)
 
 
 def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:

@@ -9,12 +9,13 @@ weights, optimizer state and random state the interrupted one would have used.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ from eardrum.common.records import (
     DataError,
     DataProblem,
     DataSource,
+    Record,
+    RecordChecker,
     load_records,
     mix_indices,
     write_problems,
@@ -39,7 +42,7 @@ from .collate import Collator, model_inputs
 from .distill import teacher_kl
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
-from .recipe import DistillSettings, Recipe, save_recipe
+from .recipe import DistillSettings, Recipe, save_recipe, streams
 from .setup import (
     MetricsLog,
     build_optimizer,
@@ -59,6 +62,7 @@ from .state import (
     earlier_run,
     save_final,
 )
+from .stream import StreamedEpochs, StreamSettings
 from .trackers import TENSORBOARD_DIR, Trackers, tracker_names
 
 if TYPE_CHECKING:
@@ -156,11 +160,15 @@ def _build_model(recipe: Recipe, device: torch.device):
 
 
 def _load_data(recipe: Recipe, out: Path, main: bool):
-    """Check every source up front: stop with the full list of problems, or skip and record them."""
+    """Check every source up front: stop with the full list of problems, or skip and record them.
+    Streamed training sources are only opened here; their rows are checked as they are read."""
     d = recipe.data
     found = {}
     for split, specs in (("train", d.train), ("eval", d.eval)):
         sources = [DataSource.from_dict(s) for s in specs]
+        if split == "train" and streams(specs):
+            found[split] = ([], sources)
+            continue
         records, problems = load_records(
             sources, max_audio_seconds=recipe.model.max_audio_seconds, label_mode=recipe.model.label_mode
         )
@@ -172,7 +180,7 @@ def _load_data(recipe: Recipe, out: Path, main: bool):
                 "%s: skipped %d bad examples (listed in %s)", split, len(problems), out / f"bad_examples_{split}.jsonl"
             )
         found[split] = (records, sources)
-    if not found["train"][0]:
+    if not found["train"][0] and not streams(d.train):
         raise DataError([], message="no usable training example")
     return found
 
@@ -245,7 +253,15 @@ def _train(recipe: Recipe, acc) -> dict:
         teacher=recipe.distill.kl_weight > 0,
         ctc_blank=_ctc_blank(processor) if t.ctc_weight > 0 else None,
     )
-    lengths = sequence_lengths(train_records, processor)
+    streamed = None
+    if streams(d.train):
+        streamed = StreamedEpochs(
+            train_sources, RecordChecker(recipe.model.max_audio_seconds, recipe.model.label_mode),
+            lambda records: sequence_lengths(records, processor),
+            StreamSettings(d.batch_size, d.max_tokens, d.group_by_length, t.seed, d.shuffle_buffer, d.group_buffer),
+            acc.num_processes, acc.process_index, skip_bad=d.skip_bad, on_bad=skipped.record,
+        )
+    lengths = sequence_lengths(train_records, processor) if train_records else []
     weights = {s.label: s.weight for s in train_sources}
     progress = Progress()
     resume = _maybe_resume(recipe, core, optimizer, progress, acc)
@@ -268,8 +284,26 @@ def _train(recipe: Recipe, acc) -> dict:
         )
         return shard_batches(batches, acc.num_processes, acc.process_index)
 
-    steps_per_epoch = math.ceil(len(epoch_plan(0)) / o.grad_accum)
-    total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
+    if streamed is None:
+        steps_per_epoch = math.ceil(len(epoch_plan(0)) / o.grad_accum)
+        total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
+    else:  # a stream's length is unknown: the recipe check asked for max_steps
+        total_steps = t.max_steps
+
+    def epoch_groups(epoch: int) -> Iterator[tuple[list[Record], list[list[int]]]]:
+        """(records, micro-batches of indices into them) per optimizer step, from the step `progress` is at."""
+        done = progress.micro_done // o.grad_accum
+        if streamed is None:
+            plan = epoch_plan(epoch)
+            for i in range(done * o.grad_accum, len(plan), o.grad_accum):
+                yield train_records, plan[i : i + o.grad_accum]
+            return
+        batches = streamed.batches(epoch)
+        groups = iter(lambda: list(itertools.islice(batches, o.grad_accum)), [])
+        for group in itertools.islice(groups, done, None):  # a resumed epoch skips what it trained, undecoded
+            records = [r for batch in group for r in batch]
+            starts = list(itertools.accumulate([0, *map(len, group)]))
+            yield records, [list(range(a, b)) for a, b in zip(starts, starts[1:])]
     set_schedule_length(scheduler_fn, total_steps)
     bar = _progress_bar(main, total_steps, progress.step)
     ctx = StepContext(model, core, optimizer, scheduler_fn, collate, cache, acc, recipe, skipped)
@@ -277,11 +311,10 @@ def _train(recipe: Recipe, acc) -> dict:
     start = time.perf_counter()
     stop = False
     while progress.epoch < t.epochs and not stop:
-        plan = epoch_plan(progress.epoch)
-        groups = [plan[i : i + o.grad_accum] for i in range(0, len(plan), o.grad_accum)]
-        for group in groups[progress.micro_done // o.grad_accum :]:
+        for records, group in epoch_groups(progress.epoch):
+            collate.records = records
             if t.log_examples:
-                _log_examples(out, acc, progress, group, train_records)
+                _log_examples(out, acc, progress, group, records)
             loss, n_examples, audio_s, ctc_loss = _step(ctx, group, progress)
             progress.step += 1
             progress.micro_done += len(group)
