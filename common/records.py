@@ -22,6 +22,7 @@ up in an epoch (see `mix_indices`, which lives with the batching code).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -90,6 +91,8 @@ class DataSource:
     weight: float = 1.0  # examples per epoch = round(weight * size), see `mix_indices`
     task: str | None = None  # force a task; None = inferred per record from its fields
     name: str | None = None  # label in logs and problems; default: the file or dataset name
+    question: str | None = None  # the instruction sent beside each clip that has no question of its own
+    limit: int | None = None  # read only the first `limit` rows (an eval slice of a large split)
 
     @property
     def label(self) -> str:
@@ -101,7 +104,7 @@ class DataSource:
         out = []
         if (self.path is None) == (self.dataset is None):
             out.append(f"path / dataset: expected exactly one, got path={self.path!r}, dataset={self.dataset!r}")
-        for key in ("path", "dataset", "name", "split", "config", "revision", "data_dir"):
+        for key in ("path", "dataset", "name", "split", "config", "revision", "data_dir", "question"):
             value = getattr(self, key)
             if (value is not None or key == "split") and (not isinstance(value, str) or not value):
                 out.append(f"{key}: expected a non-empty string, got {value!r}")
@@ -112,6 +115,9 @@ class DataSource:
         if self.data_files is not None and not isinstance(self.data_files, (str, list, dict)):
             out.append(f"data_files: expected a path or glob, a list of them, or split -> files; "
                        f"got {self.data_files!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            out.append(f"limit: expected a positive integer or null, got {self.limit!r}")
         if not isinstance(self.streaming, bool):
             out.append(f"streaming: expected true or false, got {self.streaming!r}")
         w = self.weight
@@ -275,7 +281,8 @@ def _open_all(sources: Sequence[DataSource]) -> list[Rows]:
     opened = []
     for source in sources:
         try:
-            opened.append(_manifest_rows(source) if source.path is not None else _dataset_rows(source))
+            rows = _manifest_rows(source) if source.path is not None else _dataset_rows(source)
+            opened.append(itertools.islice(rows, source.limit))
         except DataError as err:
             problems += err.problems
     if problems:
@@ -514,6 +521,8 @@ class RecordChecker:
             raise raw
         if not isinstance(raw, dict):
             raise InvalidRecord(f"expected a JSON object, got {_kind(raw)}")
+        if source.question is not None and raw.get("question") is None:  # spoken instructions: asked in the audio
+            raw = {**raw, "question": source.question}
         task = _task(raw, source.task)
         errors, fields, clips = [], {}, []
         for name in SHAPES[task]:

@@ -73,7 +73,7 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 1
+    epochs: int | None = None  # passes over the data; null: 1, or for streamed sources as many as max_steps takes
     max_steps: int | None = None  # stop after this many optimizer steps
     seed: int = 0
     ctc_weight: float = 0.0  # > 0: add this x the CTC loss of audio tokens against the transcript (`AudioLLM.forward`)
@@ -262,7 +262,7 @@ def _check(recipe: Recipe) -> list[str]:
     if not 0 <= t.seed <= MAX_TRAIN_SEED:
         out.append(f"train.seed: expected an integer from 0 to 2**32 - 1 (numpy's seed range), got {t.seed}")
     for name in ("epochs", "log_every", "keep_checkpoints"):
-        if getattr(t, name) < 1:
+        if getattr(t, name) is not None and getattr(t, name) < 1:
             out.append(f"train.{name}: expected >= 1, got {getattr(t, name)}")
     out += tracker_problems(t.report_to, t.tensorboard)
     k = recipe.distill

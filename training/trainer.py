@@ -286,7 +286,7 @@ def _train(recipe: Recipe, acc) -> dict:
 
     if streamed is None:
         steps_per_epoch = math.ceil(len(epoch_plan(0)) / o.grad_accum)
-        total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
+        total_steps = min(t.max_steps or 10**12, steps_per_epoch * (t.epochs or 1))
     else:  # a stream's length is unknown: the recipe check asked for max_steps
         total_steps = t.max_steps
 
@@ -310,8 +310,11 @@ def _train(recipe: Recipe, acc) -> dict:
     model.train()
     start = time.perf_counter()
     stop = False
-    while progress.epoch < t.epochs and not stop:
+    epochs = t.epochs or (1 if streamed is None else 10**12)  # a stream goes round until max_steps
+    while progress.epoch < epochs and not stop:
+        trained = False
         for records, group in epoch_groups(progress.epoch):
+            trained = True
             collate.records = records
             if t.log_examples:
                 _log_examples(out, acc, progress, group, records)
@@ -344,6 +347,9 @@ def _train(recipe: Recipe, acc) -> dict:
                 stop = True
                 break
         if not stop:
+            if not trained and progress.micro_done == 0:  # only a stream can come up empty
+                raise DataError([], message=f"epoch {progress.epoch}: the streamed training sources gave no usable "
+                                            "example (bad ones are in bad_examples_train.jsonl)")
             progress.epoch += 1
             progress.micro_done = 0
     if bar is not None:

@@ -201,3 +201,15 @@ def test_a_dataset_config_is_chosen_by_name(tmp_path, local_datasets):
     assert counts["other", False] == counts["other", True] == qa[6:]
     with pytest.raises(DataError, match="cannot load it"):
         open_rows(DataSource(dataset=str(repo), config="noisy"))
+
+
+def test_a_stream_with_no_usable_example_stops_instead_of_going_round(tmp_path, local_datasets):
+    # read as transcription, no row has a text: every row is bad, and skipped
+    only_bad = json.dumps([{"dataset": "parquet", "data_files": str(local_datasets["bad"]), "streaming": True,
+                            "task": "asr"}])
+    recipe = stream_recipe(tmp_path, local_datasets, f"data.train={only_bad}", "data.skip_bad=true",
+                           "train.max_steps=5", "train.epochs=null")
+    with pytest.raises(DataError, match="epoch 0: the streamed training sources gave no usable example"):
+        train(recipe)
+    listed = (tmp_path / "run" / "bad_examples_train.jsonl").read_text()
+    assert listed.count("field 'text' is missing") == 3
