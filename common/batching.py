@@ -72,6 +72,7 @@ def plan_batches(
     seed: int = 0,
     epoch: int = 0,
     group_by_length: bool = True,
+    packed: bool = False,
 ) -> list[list[int]]:
     """Cut one epoch's order into batches.
 
@@ -85,6 +86,8 @@ def plan_batches(
             examples before training if that is not wanted).
         seed, epoch: the batch order depends on them and nothing else (both >= 0).
         group_by_length: False cuts `indices` in order, without sorting or shuffling.
+        packed: the batch's examples will be packed into one row (`training.collate.pack_batch`), so
+            max_tokens caps the sum of their lengths instead of the padded size.
 
     Returns:
         Batches of indices; every entry of `indices` appears in exactly one batch.
@@ -92,11 +95,11 @@ def plan_batches(
     _check_plan_args(lengths, indices, batch_size, max_tokens)
     order = [int(i) for i in indices]
     if not group_by_length:
-        return _cut(order, lengths, batch_size, max_tokens)
+        return _cut(order, lengths, batch_size, max_tokens, packed)
     batches = []
     for chunk in _chunks(order, lengths, batch_size, max_tokens):
         chunk.sort(key=lengths.__getitem__)  # stable: equal lengths keep their shuffled order
-        batches.extend(_cut(chunk, lengths, batch_size, max_tokens))
+        batches.extend(_cut(chunk, lengths, batch_size, max_tokens, packed))
     rng = np.random.default_rng([seed, epoch])
     return [batches[k] for k in rng.permutation(len(batches))]
 
@@ -177,14 +180,18 @@ def _chunks(order: list[int], lengths: Sequence[int], batch_size: int | None, ma
         yield chunk
 
 
-def _cut(order: list[int], lengths: Sequence[int], batch_size: int | None, max_tokens: int | None) -> list[list[int]]:
-    """Consecutive batches of `order`: fixed size, or greedy under the padded-size cap."""
+def _cut(order: list[int], lengths: Sequence[int], batch_size: int | None, max_tokens: int | None,
+         packed: bool = False) -> list[list[int]]:
+    """Consecutive batches of `order`: fixed size, or greedy under the padded-size cap (the summed lengths
+    when `packed`)."""
     if batch_size is not None:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches, batch, longest = [], [], 0
+    batches, batch, longest, total = [], [], 0, 0
     for i in order:
         grown = max(longest, lengths[i])
-        if batch and (len(batch) + 1) * grown > max_tokens:
+        total += lengths[i]
+        if batch and (total if packed else (len(batch) + 1) * grown) > max_tokens:
+            total = lengths[i]
             batches.append(batch)
             batch, grown = [], lengths[i]
         batch.append(i)

@@ -35,6 +35,7 @@ class Collator:
         skip_bad: bool = False,
         teacher: bool = False,
         ctc_blank: int | None = None,
+        pack: bool = False,
     ) -> None:
         self.processor = processor
         self.records = records
@@ -44,6 +45,7 @@ class Collator:
         self.skip_bad = skip_bad
         self.teacher = teacher
         self.ctc_blank = ctc_blank
+        self.pack = pack
 
     def conversation(self, index: int) -> list[dict]:
         return build_conversation(self.records[index], self.prompts, self.seed)
@@ -75,7 +77,7 @@ class Collator:
             ctc = self._ctc_targets(indices)
             if ctc is not None:
                 batch["ctc"] = ctc
-        return batch
+        return pack_batch(batch) if self.pack else batch
 
     def _ctc_targets(self, indices: list[int]) -> dict | None:
         """{"rows" (R,), "targets" (sum of lengths,), "target_lengths" (R,), "blank"} for the rows of the
@@ -104,6 +106,34 @@ class Collator:
         except (ValueError, OSError) as err:
             bad.append(DataProblem(self.records[index].where, str(err)))
             return False
+
+
+def pack_batch(batch: dict) -> dict:
+    """Pack a right-padded training batch into one row with no padding: each example's tokens follow the
+    last one's, `position_ids` restart at 0 for each, and `attention_mask` is dropped (and the KV cache off),
+    which tells transformers' attention (sdpa, eager, flash) to keep attention inside each example (it reads
+    the restarts). The loss
+    is the same: each example's first token carries no label, so no position predicts across a boundary.
+
+    input_ids, labels (B, T) -> (1, sum of the lengths); position_ids (1, sum); the audio is untouched (its
+    clips stay in the order their placeholders come). A batch with a text teacher or CTC targets, which
+    name rows, is refused.
+    """
+    if "teacher" in batch or "ctc" in batch:
+        raise ValueError("data.packing: packed rows cannot carry distill.kl_weight's teacher or "
+                         "train.ctc_weight's targets (both refer to rows); turn one of them off")
+    mask = batch.pop("attention_mask").bool()  # (B, T)
+    lengths = mask.sum(1)
+    if not bool((mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all()):
+        raise ValueError("pack_batch: expected a right-padded batch (the processor's training layout)")
+    keep = mask.flatten()
+    labels = batch["labels"].clone()
+    labels[:, 0] = -100  # never a target across the boundary with the example before
+    batch["input_ids"] = batch["input_ids"].flatten()[keep][None]
+    batch["labels"] = labels.flatten()[keep][None]
+    batch["position_ids"] = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    batch["use_cache"] = False  # transformers reads the restarts only without a KV cache
+    return batch
 
 
 def model_inputs(batch: dict, model: AudioLLM, processor: AudioProcessor, cache, device=None) -> dict:

@@ -47,6 +47,7 @@ class DataSettings:
     batch_size: int | None = 8  # examples per batch, or null with max_tokens
     max_tokens: int | None = None  # padded tokens per batch (a token budget) instead of batch_size
     group_by_length: bool = True
+    packing: bool = False  # each batch as one row, no padding (max_tokens then caps the summed lengths)
     skip_bad: bool = False  # skip bad examples (listed in output_dir/bad_examples.jsonl) instead of stopping
     shuffle_buffer: int = 1000  # streamed sources: rows of one source shuffled together
     group_buffer: int = 1000  # streamed sources: mixed examples length-grouped together
@@ -233,6 +234,10 @@ def _check(recipe: Recipe) -> list[str]:
             out.append(f"data.{name}: expected a positive integer, got {getattr(d, name)}")
     if not d.train:
         out.append("data.train: expected at least one data source")
+    if d.packing and recipe.distill.kl_weight > 0:
+        out.append("data.packing: packed rows cannot carry the text teacher; set distill.kl_weight: 0 or packing off")
+    if d.packing and t.ctc_weight > 0:
+        out.append("data.packing: packed rows cannot carry the CTC targets; set train.ctc_weight: 0 or packing off")
     for name in ("shuffle_buffer", "group_buffer"):
         if getattr(d, name) < 1:
             out.append(f"data.{name}: expected >= 1, got {getattr(d, name)}")

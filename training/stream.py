@@ -44,6 +44,7 @@ class StreamSettings:
     seed: int = 0
     shuffle_buffer: int = SHUFFLE_BUFFER
     group_buffer: int = GROUP_BUFFER
+    packed: bool = False  # max_tokens caps the summed lengths (`plan_batches`)
 
 
 def shuffled(rows: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -137,6 +138,7 @@ class StreamedEpochs:
                 buffer = list(itertools.islice(itertools.cycle(buffer), self.num_replicas))
             lengths = self.lengths(buffer)
             planned = plan_batches(lengths, range(len(buffer)), batch_size=s.batch_size, max_tokens=s.max_tokens,
-                                   seed=s.seed, epoch=epoch * 1_000_003 + number, group_by_length=s.group_by_length)
+                                   seed=s.seed, epoch=epoch * 1_000_003 + number, group_by_length=s.group_by_length,
+                                   packed=s.packed)
             for batch in shard_batches(planned, self.num_replicas, self.rank):
                 yield [buffer[i] for i in batch]

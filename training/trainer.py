@@ -252,13 +252,15 @@ def _train(recipe: Recipe, acc) -> dict:
         skip_bad=d.skip_bad,
         teacher=recipe.distill.kl_weight > 0,
         ctc_blank=_ctc_blank(processor) if t.ctc_weight > 0 else None,
+        pack=d.packing,
     )
     streamed = None
     if streams(d.train):
         streamed = StreamedEpochs(
             train_sources, RecordChecker(recipe.model.max_audio_seconds, recipe.model.label_mode),
             lambda records: sequence_lengths(records, processor),
-            StreamSettings(d.batch_size, d.max_tokens, d.group_by_length, t.seed, d.shuffle_buffer, d.group_buffer),
+            StreamSettings(d.batch_size, d.max_tokens, d.group_by_length, t.seed, d.shuffle_buffer, d.group_buffer,
+                           d.packing),
             acc.num_processes, acc.process_index, skip_bad=d.skip_bad, on_bad=skipped.record,
         )
     lengths = sequence_lengths(train_records, processor) if train_records else []
@@ -281,6 +283,7 @@ def _train(recipe: Recipe, acc) -> dict:
             seed=t.seed,
             epoch=epoch,
             group_by_length=d.group_by_length,
+            packed=d.packing,
         )
         return shard_batches(batches, acc.num_processes, acc.process_index)
 
