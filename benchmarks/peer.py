@@ -11,7 +11,8 @@ as the peer). Random weights, float32 on CPU, bfloat16 + SDPA on CUDA; both buil
 the device (benchmarks/peer_models.py). Sections, each with a correctness check beside it:
     encoder     real-audio seconds per second, 5/10/30 s clips, batch 16   (peer_encoder.py)
     generation  TTFT and decode tokens/s, batch 1 and 16, default and fast  (peer_generate.py)
-    training    LoRA step: examples/s, audio-hours per device-hour, peak memory, MFU (peer_train.py)
+    training    LoRA step: examples/s, audio-hours per device-hour, peak memory, MFU (peer_train.py);
+                one pass over examples of realistic, drawn lengths, eardrum packed (peer_lengths.py)
 The contenders alternate within each measurement, after warm-ups; medians are reported. The
 JSON (default benchmarks/results/peer-<device>-<size>.json) holds the device, versions,
 settings, every measurement, ratios eardrum/peer, the checks, the FLOP formulas and the targets.
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import peer_encoder, peer_generate, peer_train
+from . import peer_encoder, peer_generate, peer_lengths, peer_train
 from .peer_flops import FORMULA
 from .peer_models import SIZES, Models, build_models
 from .peer_report import dry_run, parameter_counts, print_table, targets
@@ -79,6 +80,7 @@ class BenchSettings:
     train_batch: int = 8
     train_seconds: float = 10.0
     answer_tokens: int = 100  # loss tokens per example
+    length_examples: int = 64  # examples of drawn lengths per pass (peer_lengths)
     lora_r: int = 16
     gen_seconds: float = 10.0
     gen_batches: tuple[int, ...] = (1, 16)
@@ -121,6 +123,7 @@ def default_settings(device: str, size: str, quick: bool = False) -> BenchSettin
         repeats=1 if quick else (5 if cuda else 3),
         gen_repeats=1 if quick else 3,
         new_tokens=64 if cuda else 16,
+        length_examples=256 if cuda else (8 if quick else 24),
     )
 
 
@@ -187,6 +190,9 @@ def _training(models: Models, settings: BenchSettings, timing: dict, peak_flops:
         "trainable_parameters": peer_train.trainable_counts(models),
         "check": peer_train.check(models, trainers, settings.seed),
         **peer_train.measure(models, trainers, train_settings, peak_flops),
+        "realistic_lengths": peer_lengths.measure(models, trainers, examples=settings.length_examples,
+                                                  batch=settings.train_batch, warmup=settings.warmup,
+                                                  repeats=settings.repeats, seed=settings.seed),
     }
 
 

@@ -146,6 +146,14 @@ def targets(report: dict) -> dict:
         ),
         "train_mfu": _target(report["training"]["eardrum"]["mfu"], ">=", 0.40, gpu, "eardrum MFU (no cache)"),
     }
+    lengths = report["training"].get("realistic_lengths")
+    if lengths:
+        out["train_realistic_lengths"] = _target(lengths["ratios"]["examples_per_s_eardrum_over_peer"], ">=",
+                                                 2.5 if gpu else 3.0, True, "examples/s ratio, drawn lengths, packed")
+        out["train_realistic_useful_tokens"] = _target(lengths["useful_token_fraction"]["eardrum_packed"], ">=", 0.9,
+                                                       True, "useful-token fraction, packed")
+        out["train_realistic_memory"] = _target(lengths["ratios"].get("peak_memory_eardrum_over_peer"), "<=", 1.0,
+                                                gpu, "peak memory ratio, drawn lengths")
     for batch, row in rows.items():
         out[f"ttft_batch_{batch}"] = _target(
             row["ratios"]["ttft_s_eardrum_over_peer"], "<=", 1.0, True, "TTFT ratio (time)"
@@ -177,6 +185,10 @@ def print_table(report: dict) -> None:
             _line(f"train peak GiB, {name}", t[name]["peak_memory_gib"], t["peer"]["peak_memory_gib"])
         if t[name]["mfu"] is not None:
             _line(f"train MFU %, {name}", t[name]["mfu"], t["peer"]["mfu"], scale=100.0, fmt="12.1f")
+    lengths = t.get("realistic_lengths")
+    if lengths:
+        _line("train examples/s, drawn lengths, packed", lengths["eardrum_packed"]["examples_per_s"],
+              lengths["peer"]["examples_per_s"])
     for row in report["generation"]["rows"]:
         for name in [n for n in ("eardrum", "eardrum_fast") if n in row]:
             ours, peer = row[name], row["peer"]

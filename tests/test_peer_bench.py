@@ -44,6 +44,7 @@ def report(tmp_path_factory):
         answer_tokens=10,
         gen_batches=(1, 2),
         new_tokens=3,
+        length_examples=6,
     )
     saved = []
     result = peer.run(settings, save=saved.append)
@@ -73,6 +74,19 @@ def test_report_has_every_measurement_for_both_models(report):
     for name in ("peer", "eardrum", "eardrum_cached"):
         assert t[name]["examples_per_s"] > 0 and t[name]["peak_memory_gib"] is None and t[name]["mfu"] is None
     assert set(t["ratios"]) == {"examples_per_s_eardrum_over_peer", "examples_per_s_eardrum_cached_over_peer"}
+    lengths = t["realistic_lengths"]
+    assert lengths["examples"] == 6 and lengths["distribution"]["clip_seconds"]["max"] == 30.0
+    assert lengths["useful_token_fraction"]["eardrum_packed"] > lengths["useful_token_fraction"]["peer"]
+    assert lengths["batches"]["peer"] == 3 and lengths["eardrum_packed"]["examples_per_s"] > 0
+
+
+def test_realistic_lengths_are_drawn_as_stated():
+    drawn = importlib.import_module("benchmarks.peer_lengths").draw(2000, 0)
+    seconds = np.array([s for s, _ in drawn])
+    tokens = np.array([t for _, t in drawn])
+    assert seconds.min() >= 1.0 and seconds.max() <= 30.0 and 6.5 < np.median(seconds) < 7.5
+    assert 0.6 < np.mean((seconds >= 3) & (seconds <= 15)) and np.allclose(seconds / 0.04, np.round(seconds / 0.04))
+    assert tokens.min() >= 5 and tokens.max() <= 250 and 36 <= np.median(tokens) <= 44
 
 
 def test_every_correctness_check_passes(report):
