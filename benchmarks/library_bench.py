@@ -98,8 +98,10 @@ def pad_library(source: Path, target: Path, hours: float, seed: int = 0) -> int:
 
 
 def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float = 1000.0, repeats: int = 5,
-            limit: int | None = None) -> dict:
-    """Index `set_dir`'s recordings with the model in `model_dir` (into `work`) and measure (see the module)."""
+            limit: int | None = None, recordings: int | None = None) -> dict:
+    """Index `set_dir`'s recordings with the model in `model_dir` (into `work`) and measure (see the module).
+    `recordings` keeps the set's first N recordings (by name), the questions about them and every question
+    about projects the set never mentions."""
     from eardrum.adapters.placement import load_placed
     from eardrum.common.decoding import answer_conversations
     from eardrum.common.generation import GenerationSettings
@@ -113,16 +115,20 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     )
 
     rows = [json.loads(line) for line in (set_dir / "questions.jsonl").read_text().splitlines()]
+    files = sorted((set_dir / "recordings").iterdir())[:recordings]
+    kept = {f"recordings/{f.name}" for f in files}
+    rows = [r for r in rows if not r["file"] or r["file"] in kept]
     if limit:
         rows = rows[:limit]
     model, processor = load_placed(model_dir)
     library_path = work / "library.sqlite"
     library = AudioLibrary(library_path)
     started = time.perf_counter()
-    summary = library.index([set_dir / "recordings"], model_describer(model, processor), describer=str(model_dir))
+    summary = library.index(files, model_describer(model, processor), describer=str(model_dir))
     index_s = time.perf_counter() - started
     hours = library.stats()["hours"]
     report: dict = {"set": json.loads((set_dir / "meta.json").read_text()), "model": str(model_dir),
+                    "recordings_indexed": len(files),
                     "index": {"audio_hours": round(hours, 3), "seconds": round(index_s, 1),
                               "audio_hours_per_hour": round(hours * 3600 / index_s, 2),
                               "bytes_per_audio_hour": round(library_path.stat().st_size / hours),
@@ -245,6 +251,7 @@ def main() -> None:
     parser.add_argument("--simulate-hours", type=float, default=1000.0)
     parser.add_argument("--repeats", type=int, default=5, help="questions timed per latency (median)")
     parser.add_argument("--limit", type=int, help="only the first N questions (a quick look)")
+    parser.add_argument("--recordings", type=int, help="only the set's first N recordings and their questions")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
     if not (args.set / "questions.jsonl").is_file():
@@ -257,7 +264,7 @@ def main() -> None:
         for stale in work.glob("library*.sqlite"):
             stale.unlink()
         report = measure(args.set, args.model, work, simulate_hours=args.simulate_hours, repeats=args.repeats,
-                         limit=args.limit)
+                         limit=args.limit, recordings=args.recordings)
     report.update(**machine(), torch_threads=__import__("torch").get_num_threads(), command=" ".join(sys.argv))
     emit(report, args.out)
 

@@ -114,13 +114,18 @@ def test_library_bench_reports_every_measure_on_a_tiny_model(built, tmp_path):
     report_path = tmp_path / "report.json"
     subprocess.run([sys.executable, "-m", "benchmarks.library_bench", "--set", str(out), "--model", str(checkpoint),
                     "--work", str(tmp_path / "work"), "--simulate-hours", "2", "--repeats", "1", "--out",
-                    str(report_path)], check=True, capture_output=True, timeout=600, cwd=ROOT,
+                    str(report_path), "--recordings", "2"], check=True, capture_output=True, timeout=600, cwd=ROOT,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     report = json.loads(report_path.read_text())
     assert report["index"]["windows"] > 0 and report["index"]["audio_hours_per_hour"] > 0
     for group in ("speech", "sounds"):
         assert 0 <= report["retrieval"][group]["recall@1"] <= report["retrieval"][group]["recall@5"] <= 1
-    assert report["answers"]["questions"] == 6 and report["unanswerable"]["questions"] == 4
+    # the first two recordings of three, the questions about them, and every unanswerable question
+    _, _, rows, _ = built
+    about_two = [r for r in rows if r["file"] in ("recordings/recording-00.wav", "recordings/recording-01.wav")]
+    assert report["recordings_indexed"] == 2 and report["answers"]["questions"] == sum(
+        1 for r in about_two if r["answers"]) == 4
+    assert report["unanswerable"]["questions"] == 4
     assert 0 <= report["unanswerable"]["invented_rate"] <= 1
     latency = report["latency_ms"]
     # a random model's window texts rarely share a word with a question; a question that finds nothing is
