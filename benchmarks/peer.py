@@ -53,6 +53,9 @@ NOTES = [
     "number eardrum's stack keeps the last frame (ceil(T/2)) where the peer's pooling drops it (floor(T/2)).",
     "In bfloat16 the peer computes its loss with nn.CrossEntropyLoss on bfloat16 logits, eardrum's Qwen2ForCausalLM "
     "upcasts the logits to float32 first: with identical logits the two losses still differ by bfloat16 rounding.",
+    "eardrum's timed training steps run as its trainer runs them (labelled_logits_only): the LM head and the "
+    "float32 loss only at the positions that predict a labelled token; the peer computes every position's logits. "
+    "Runs before this note timed eardrum with logits at every position, upcast to float32 for the loss.",
     "A training step is forward, backward and AdamW (lr 1e-5, no gradient clipping), the same for both models. "
     "The LLM's share of a step is identical for both, so the examples/s ratios are bounded by the ratio of "
     "executed FLOPs (training.flops_bound_ratios) unless one model runs its FLOPs faster.",

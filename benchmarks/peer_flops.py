@@ -15,9 +15,14 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 FORMULA = {
     "llm_matmul_params": "P_llm = L (2 h q + 2 h kv + 3 h f) + V h   (layers + LM head; the embedding lookup is free)",
+    "lm_head_rows": "R = the rows the LM head runs on: B S for the peer (every position's logits); B K for eardrum, "
+    "whose training step (as eardrum's trainer runs it, labelled_logits_only) computes logits only at the K "
+    "positions that predict a labelled token in some row. Model FLOPs (MFU) count B K for both: logits nobody "
+    "learns from are work the task does not need",
     "lora_params": "P_lora = L r ((h + q) + 2 (h + kv) + (q + h))   (q, k, v, o)",
-    "llm_train_step": "F_llm = B S (4 P_llm + 6 P_lora) + 3 B L 4 S^2 q   (frozen weights: forward 2P + input "
-    "gradient 2P, no weight gradient; LoRA: 6P; attention QK^T and AV over all S^2 pairs, backward = 2 x forward)",
+    "llm_train_step": "F_llm = B S (4 (P_llm - V h) + 6 P_lora) + 4 R V h + 3 B L 4 S^2 q   (frozen weights: "
+    "forward 2P + input gradient 2P, no weight gradient; LoRA: 6P; the LM head on R rows; attention QK^T and AV "
+    "over all S^2 pairs, backward = 2 x forward)",
     "projector_train_step": "F_proj = 6 P_proj N_tok   (all projector weights train; N_tok audio tokens in the batch)",
     "encoder_forward": "F_enc(T) = 2 (3 C D T_mel + 3 D^2 T) + L_e (2 (4 D^2 + 2 D F) T + 4 T^2 D)   per clip "
     "(conv1, conv2, then per layer q, k, v, o, MLP and attention); frozen, so forward only",
@@ -65,18 +70,24 @@ def encoder_forward_flops(size: PeerSize, frames: int) -> int:
     return convs + size.enc_layers * layer
 
 
-def llm_train_flops(size: PeerSize, batch: int, seq: int, r: int) -> int:
+def llm_train_flops(size: PeerSize, batch: int, seq: int, r: int, head_rows: int | None = None) -> int:
+    """One LoRA training step of the LLM; the LM head runs on `head_rows` rows (default: all batch x seq)."""
     q, _ = _llm_dims(size)
     tokens = batch * seq
+    head = size.vocab * size.llm_hidden
+    rows = tokens if head_rows is None else head_rows
     attention = 3 * batch * size.llm_layers * 4 * seq * seq * q
-    return tokens * (4 * llm_matmul_params(size) + 6 * lora_params(size, r)) + attention
+    return tokens * (4 * (llm_matmul_params(size) - head) + 6 * lora_params(size, r)) + 4 * rows * head + attention
 
 
 def train_step_flops(
-    size: PeerSize, *, batch: int, seq: int, audio_tokens: int, r: int, projector: str, encoder_frames: int | None
+    size: PeerSize, *, batch: int, seq: int, audio_tokens: int, r: int, projector: str, encoder_frames: int | None,
+    head_rows: int | None = None,
 ) -> int:
-    """FLOPs of one training step; `encoder_frames` per clip, or None when the encoder does not run (cache)."""
-    flops = llm_train_flops(size, batch, seq, r) + 6 * projector_matmul_params(size, projector) * audio_tokens
+    """FLOPs of one training step; `encoder_frames` per clip, or None when the encoder does not run (cache);
+    the LM head on `head_rows` rows (default: every position)."""
+    flops = llm_train_flops(size, batch, seq, r, head_rows)
+    flops += 6 * projector_matmul_params(size, projector) * audio_tokens
     if encoder_frames is not None:
         flops += batch * encoder_forward_flops(size, encoder_frames)
     return flops

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from eardrum.adapters.model import labelled_positions
+
 from .peer_flops import (
     FORMULA,
     decode_bytes_per_step,
@@ -73,9 +75,11 @@ def dry_run(size: PeerSize, settings: BenchSettings) -> dict:
     seq = int(batch["input_ids"].shape[1])
     audio = int((batch["input_ids"] == models.model.placeholder_id).sum())
     frames = models.model.encoder.num_frames(int(settings.train_seconds * 16000))
-    common = dict(batch=settings.train_batch, seq=seq, audio_tokens=audio, r=settings.lora_r)
+    head_rows = settings.train_batch * int(labelled_positions(batch["labels"]).numel())
+    common = dict(batch=settings.train_batch, seq=seq, audio_tokens=audio, r=settings.lora_r, head_rows=head_rows)
     flops = {
-        "peer_executed": train_step_flops(size, projector="linear", encoder_frames=PEER_MEL_FRAMES // 2, **common),
+        "peer_executed": train_step_flops(size, projector="linear", encoder_frames=PEER_MEL_FRAMES // 2,
+                                          **dict(common, head_rows=None)),
         "eardrum": train_step_flops(size, projector="stack2", encoder_frames=frames, **common),
         "eardrum_cached": train_step_flops(size, projector="stack2", encoder_frames=None, **common),
     }

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eardrum.adapters.model import labelled_positions
 from eardrum.training.cache import FeatureCache, encode_windows, encoder_fingerprint, precompute
 from eardrum.training.lora import apply_llm_lora, freeze_for_training
 from eardrum.training.recipe import LoraSettings
@@ -132,8 +133,11 @@ def measure(models: Models, trainers: Trainers, settings: dict, peak_flops: floa
     not_ours = functools.partial(private_bytes, trainers.peer, trainers.peer_optimizer)
     contenders = {
         "peer": lambda: _step(lambda: trainers.peer(**peer).loss, trainers.peer_optimizer, PeakMemory(dev, not_peer)),
-        "eardrum": lambda: _step(lambda: model(**ours).loss, trainers.optimizer, PeakMemory(dev, not_ours)),
-        "eardrum_cached": lambda: _step(lambda: model(**cached()).loss, trainers.optimizer, PeakMemory(dev, not_ours)),
+        # eardrum's step as its trainer runs it: logits (and the loss) only where a label is predicted
+        "eardrum": lambda: _step(lambda: model(**ours, labelled_logits_only=True).loss, trainers.optimizer,
+                                 PeakMemory(dev, not_ours)),
+        "eardrum_cached": lambda: _step(lambda: model(**cached(), labelled_logits_only=True).loss, trainers.optimizer,
+                                        PeakMemory(dev, not_ours)),
     }
     model.train()
     trainers.peer.train()
@@ -150,14 +154,16 @@ def _report(models: Models, settings: dict, ours: dict, runs: dict, cache_second
     batch, seq = ours["input_ids"].shape
     audio_tokens = int((ours["input_ids"] == models.model.placeholder_id).sum())
     clip_frames = models.model.encoder.num_frames(int(settings["seconds"] * 16000))
-    common = dict(batch=batch, seq=seq, audio_tokens=audio_tokens, r=settings["r"])
+    head_rows = batch * int(labelled_positions(ours["labels"]).numel())  # the LM head where a label is predicted
+    common = dict(batch=batch, seq=seq, audio_tokens=audio_tokens, r=settings["r"], head_rows=head_rows)
     useful = {  # the work the task needs: the encoder on the clips' own frames, none when cached
         "peer": train_step_flops(models.size, projector="linear", encoder_frames=clip_frames, **common),
         "eardrum": train_step_flops(models.size, projector="stack2", encoder_frames=clip_frames, **common),
         "eardrum_cached": train_step_flops(models.size, projector="stack2", encoder_frames=None, **common),
     }
     padded = PEER_MEL_FRAMES // 2  # the peer encodes 30 s whatever the clip
-    executed = dict(useful, peer=train_step_flops(models.size, projector="linear", encoder_frames=padded, **common))
+    executed = dict(useful, peer=train_step_flops(models.size, projector="linear", encoder_frames=padded,
+                                                  **dict(common, head_rows=None)))  # the peer's logits everywhere
     out = {
         "batch": batch,
         "sequence_tokens": seq,

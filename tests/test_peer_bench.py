@@ -190,3 +190,12 @@ def test_generation_settings_pass_fast_on_only_when_set():
     assert "fast" not in generate_kwargs(GenerationSettings(), tok)
     with pytest.raises(GenerationSettingsError, match="fast"):
         GenerationSettings(fast="yes").validate()
+
+
+def test_the_lm_head_is_counted_on_the_rows_it_runs_on():
+    flops = importlib.import_module("benchmarks.peer_flops")
+    size = peer_models.SIZES["7b"]
+    full = flops.llm_train_flops(size, 8, 380, 16)
+    assert flops.llm_train_flops(size, 8, 380, 16, head_rows=8 * 380) == full
+    assert full - flops.llm_train_flops(size, 8, 380, 16, head_rows=8 * 101) == 4 * 8 * (380 - 101) * (
+        size.vocab * size.llm_hidden)
