@@ -292,6 +292,25 @@ def no_speech_scores(eval_dir: Path, manifest: Path) -> dict:
     }
 
 
+def machine_card() -> dict:
+    """What a run trained on: the processor, its cores, the GPU if any, the precision the recipes' `auto` picks
+    there (bf16 or float32: results differ between them) and torch's version."""
+    import platform
+
+    import torch
+
+    from eardrum.training.setup import resolve_precision
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        cpu = None
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "mixed_precision": resolve_precision("auto"), "torch": torch.__version__}
+
+
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_dir: str | None = None,
              whisper: str = "tiny.en", seed: int = 0, resume: bool = False, processes: int | None = None,
              say=print) -> dict:
@@ -409,6 +428,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         "real_speech": real_speech,
         "data": _data_card(data),
         "quick": quick, "whisper": whisper, "seed": seed, "resumed": resume, "processes": processes,
+        "machine": machine_card(),
         "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,
     }
     table = format_results(results)

@@ -108,7 +108,8 @@ def test_demo_quick_end_to_end(tmp_path):
                              str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results) >= {"asr", "qa", "captions", "seconds", "no_speech", "questions_asr", "asr_by_voice", "data"}
+    assert set(results) >= {"asr", "qa", "captions", "seconds", "no_speech", "questions_asr", "asr_by_voice", "data",
+                            "machine"}
     assert results["quick"] is True and set(results["asr_by_voice"]) == set(results["data"]["voices"]["test"])
     assert 0 <= results["qa"]["text_shipped_llm"] <= 1
     parts = results["seconds_by_part"]
@@ -236,3 +237,13 @@ def test_stages_in_several_processes_keep_the_recipes_batch_per_step(tmp_path, m
     with pytest.raises(ValueError, match="data.batch_size 8 does not divide among the processes"):
         run.run_demo(tmp_path / "demo", processes=3)  # before any asset is fetched or data made
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_machine_card_names_the_processor_and_the_precision_auto_picks():
+    from eardrum.demo.run import machine_card
+    from eardrum.training.setup import resolve_precision
+
+    card = machine_card()
+    assert card["cores"] == os.cpu_count() and card["cpu"] and card["torch"]
+    assert card["mixed_precision"] == resolve_precision("auto") in ("bf16", "no")
+    assert json.loads(json.dumps(card)) == card  # it goes into results.json as it is
