@@ -8,13 +8,14 @@ On CUDA each timed call ends with a synchronize, so the time is the device's, no
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+from eardrum.demo.run import cpu_name
 
 # Dense bf16 tensor-core peak (FLOP/s) and memory bandwidth (bytes/s), by a substring of the device name.
 DEVICE_PEAKS = (
@@ -63,21 +64,12 @@ def median(values: list[float]) -> float:
 def device_facts(device: torch.device) -> dict:
     """Name, bf16 peak FLOP/s and memory bandwidth (None where unknown, and always on CPU)."""
     if device.type != "cuda":
-        return {"name": _cpu_name(), "cpus": os.cpu_count(), "peak_flops": None, "bandwidth_bytes_s": None}
+        return {"name": cpu_name(), "cpus": os.cpu_count(), "peak_flops": None, "bandwidth_bytes_s": None}
     name = torch.cuda.get_device_name(device)
     for key, flops, bandwidth in DEVICE_PEAKS:
         if key in name:
             return {"name": name, "peak_flops": flops, "bandwidth_bytes_s": bandwidth}
     return {"name": name, "peak_flops": None, "bandwidth_bytes_s": None}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 class FirstTokenClock(BaseStreamer):

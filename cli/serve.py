@@ -17,6 +17,7 @@ import os
 import socket
 from pathlib import Path
 
+from eardrum.adapters.hub import is_hub_id, split_revision
 from eardrum.inference.server_settings import ServerSettings
 
 from .options import add_placement_options, field_default, placement
@@ -170,8 +171,6 @@ def _server_arguments(serve: argparse.ArgumentParser, port: int) -> None:
 
 def _check_model_dir(model: str) -> Path:
     # A folder, or a Hub id fetched now, before the port is taken; what is inside is checked when it loads.
-    from eardrum.adapters.hub import is_hub_id
-
     path = Path(model)
     if path.is_dir():
         return path
@@ -207,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model_dir = _check_model_dir(args.model)
     chosen = placement(args)  # a bad --device, --dtype or --quantization is named before anything loads
     settings = ServerSettings(
-        model_name=args.model_name or (args.model.split("@")[0] if not Path(args.model).exists()
+        model_name=args.model_name or (split_revision(args.model)[0] if not Path(args.model).exists()
                                        else model_dir.resolve().name),
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,

@@ -292,21 +292,26 @@ def no_speech_scores(eval_dir: Path, manifest: Path) -> dict:
     }
 
 
-def machine_card() -> dict:
-    """What a run trained on: the processor, its cores, the GPU if any, the precision the recipes' `auto` picks
-    there (bf16 or float32: results differ between them) and torch's version."""
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what `platform` knows of it."""
     import platform
-
-    import torch
-
-    from eardrum.training.setup import resolve_precision
 
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
         cpu = None
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return cpu or platform.processor() or platform.machine()
+
+
+def machine_card() -> dict:
+    """What a run trained on: the processor, its cores, the GPU if any, the precision the recipes' `auto` picks
+    there (bf16 or float32: results differ between them) and torch's version."""
+    import torch
+
+    from eardrum.training.setup import resolve_precision
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "mixed_precision": resolve_precision("auto"), "torch": torch.__version__}
 

@@ -112,8 +112,8 @@ def pack_batch(batch: dict) -> dict:
     """Pack a right-padded training batch into one row with no padding: each example's tokens follow the
     last one's, `position_ids` restart at 0 for each, and `attention_mask` is dropped (and the KV cache off),
     which tells transformers' attention (sdpa, eager, flash) to keep attention inside each example (it reads
-    the restarts). The loss
-    is the same: each example's first token carries no label, so no position predicts across a boundary.
+    the restarts). The loss is the same: each example's first token carries no label, so no position predicts
+    across a boundary.
 
     input_ids, labels (B, T) -> (1, sum of the lengths); position_ids (1, sum); the audio is untouched (its
     clips stay in the order their placeholders come). A batch with a text teacher or CTC targets, which

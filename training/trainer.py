@@ -193,17 +193,17 @@ def train(recipe: Recipe) -> dict:
     `train.overwrite=true`, which clears them first.
     """
     acc = _accelerator(recipe)
+    t = recipe.train
+    trackers = Trackers(acc, tracker_names(t.report_to, t.tensorboard), Path(recipe.output_dir), t.tracker_project)
     with RunLock(recipe.output_dir) if acc.is_main_process else contextlib.nullcontext():
         try:
-            return _train(recipe, acc)
+            return _train(recipe, acc, trackers)
         except BaseException:
-            if getattr(acc, "trackers", None):  # a run that failed still closes its trackers' runs
-                with contextlib.suppress(Exception):
-                    acc.end_training()
+            trackers.end()  # a run that failed still closes its trackers' runs
             raise
 
 
-def _train(recipe: Recipe, acc) -> dict:
+def _train(recipe: Recipe, acc, trackers: Trackers) -> dict:
     from accelerate.utils import set_seed
 
     main = acc.is_main_process
@@ -267,7 +267,6 @@ def _train(recipe: Recipe, acc) -> dict:
     weights = {s.label: s.weight for s in train_sources}
     progress = Progress()
     resume = _maybe_resume(recipe, core, optimizer, progress, acc)
-    trackers = Trackers(acc, tracker_names(t.report_to, t.tensorboard), out, t.tracker_project)
     metrics = MetricsLog(out, main, trackers, keep_until=progress.step if resume else None)
     trackers.start(recipe.to_dict(), resumed=resume is not None)
     if t.log_examples:
