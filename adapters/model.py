@@ -243,6 +243,34 @@ class AudioLLM(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )
 
+    @torch.no_grad()
+    def decode_step(
+        self,
+        cache,
+        attention_mask: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One LLM forward over the newest positions of left-padded rows; returns the next-token logits (B, V),
+        float32, and extends `cache` (a transformers `Cache`) with those positions in place.
+
+        attention_mask (B, T_cached + T_new): 1 where a position holds a real token of its row. input_ids
+        (B, T_new) or inputs_embeds (B, T_new, D_llm). Each row's positions count its real tokens from its first,
+        as `generate` counts them for left-padded prompts, so a row decodes as it would alone. The server's
+        continuous batching runs on this (`eardrum.inference.batch_engine`).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("decode_step takes input_ids or inputs_embeds, exactly one of them")
+        new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        positions = attention_mask.long().cumsum(-1) - 1  # (B, T_cached + T_new)
+        positions = positions.masked_fill(attention_mask == 0, 1)[:, -new:]  # (B, T_new)
+        kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(self.llm) else {}
+        kwargs[cache_argument(self.llm)] = cache
+        out = self.llm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       position_ids=positions, use_cache=True, **kwargs)
+        return out.logits[:, -1, :].float()  # (B, V)
+
     def save_pretrained(self, directory: str | Path, processor: AudioProcessor) -> Path:
         """Write a small checkpoint directory with `processor`'s files (see `eardrum.adapters.checkpoint`)."""
         from .checkpoint import save_pretrained
@@ -283,3 +311,15 @@ def takes_logits_to_keep(llm: nn.Module) -> bool:
 @functools.cache
 def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def cache_argument(llm: nn.Module) -> str:
+    """The name under which the causal LM under any peft wrapper takes its KV cache: `cache` in newer
+    transformers, `past_key_values` before."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return _cache_argument(type(base))
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 
 from eardrum.adapters.hub import is_hub_id, split_revision
-from eardrum.inference.server_settings import ServerSettings
+from eardrum.inference.server_settings import BATCHING, ServerSettings
 
 from .options import add_placement_options, field_default, placement
 
@@ -91,7 +91,14 @@ def _server_arguments(serve: argparse.ArgumentParser, port: int) -> None:
         "--max-batch",
         type=_positive(int),
         default=default("max_batch"),
-        help="requests per generate call (default: %(default)s)",
+        help="rows decoded together at most (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--batching",
+        choices=BATCHING,
+        default=default("batching"),
+        help="continuous: requests join a running batch between decoding steps and leave it when answered; "
+        "static: they wait until the running batch has ended (for comparison) (default: %(default)s)",
     )
     serve.add_argument(
         "--batch-wait-ms",
@@ -210,6 +217,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                        else model_dir.resolve().name),
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        batching=args.batching,
         max_new_tokens=args.max_new_tokens,
         max_request_bytes=args.max_request_bytes,
         max_audio_seconds=args.max_audio_seconds,

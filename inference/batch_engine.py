@@ -2,21 +2,24 @@
 
 The generation thread owns the model. When idle, it takes the oldest waiting job and waits up to
 `batch_wait_s` for others (so requests that arrive together share a forward pass), up to `max_batch`.
-Each job's prompt is embedded once (text and audio tokens, `AudioLLM.embed`); the rows then run as ONE
-left-padded `generate` from those embeddings. Rows join while others run: once a batch has run
-`SEGMENT_STEPS` steps, jobs are waiting and the batch has room, the batch stops at that step, and its
-unfinished rows go on in the next batch beside the new jobs, each continued from its prompt and the
-tokens it has so far (recomputed once, in that batch's prefill). A long answer therefore never holds a
-short request back for more than `SEGMENT_STEPS` steps. Every job can share a batch with every other:
+Each job's prompt is embedded once (text and audio tokens, `AudioLLM.embed`). The thread then decodes
+the running rows one token per step (`AudioLLM.decode_step`, one KV cache for the batch), and between
+any two steps jobs that wait join the running rows (their prompts prefilled, their cache put beside the
+batch's) and rows that have ended leave. A short request is therefore never held back by a long answer,
+and a row decodes the same tokens whoever shares its batch. Every job can share a batch with every other:
 
-- decoding settings are per row: `generate` runs greedy, and a logits processor draws the token of
-  each sampling row with that row's temperature, top_p and its own `torch.Generator`, so a seeded
-  answer does not depend on its neighbours and the global random state is never touched;
-- a stopping criterion sees every row's newest token at each step. It is the per-row streamer
-  (streaming rows get text deltas as they are decoded) and it ends and answers each row on its own,
-  without waiting for the rest of the batch: at an end-of-turn token, at one of its stop strings, at
-  its max_tokens, when it loops (the same run of tokens repeated `GenerationSettings.stop_loops`
-  times, as on every other path), or when its client has gone.
+- decoding settings are per row: greedy rows take the argmax, and each sampling row draws its token
+  with its own temperature, top_p and `torch.Generator`, so a seeded answer does not depend on its
+  neighbours and the global random state is never touched;
+- every row's newest token is seen at each step, by the row itself: it streams text deltas (streaming
+  rows) and it ends and answers on its own, without waiting for the rest of the batch, at an
+  end-of-turn token, at one of its stop strings, at its max_tokens, when it loops (the same run of
+  tokens repeated `GenerationSettings.stop_loops` times, as on every other path), or when its client
+  has gone.
+
+`continuous=False` is static batching, for comparison (`benchmarks/serve_batching.py`): as one `generate`
+call over a batch, jobs join only an idle engine, and a batch runs until its last row ends, the rows that
+ended before it decoded as padding (each is still answered the step it ends).
 
 Results go back to the event loop through `Job.emit`, which is thread-safe; the loop never waits
 on the model.
@@ -25,17 +28,20 @@ on the model.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from eardrum.adapters.processor import AudioProcessor
-from eardrum.common.decoding import draw_tokens, generate_tokens, seeded_generator, stop_token_ids
+from eardrum.common.decoding import draw_tokens, seeded_generator, stop_token_ids
 from eardrum.common.generation import GenerationSettings, loop_period
 
 from .openai_schema import APIError, SamplingOptions
@@ -43,7 +49,6 @@ from .openai_schema import APIError, SamplingOptions
 logger = logging.getLogger(__name__)
 
 LOOP_REPEATS = GenerationSettings().stop_loops  # a row that repeats one run this often ends, as everywhere else
-SEGMENT_STEPS = 16  # a batch runs at least this many steps before it stops to let waiting jobs in
 
 
 @dataclass(frozen=True)
@@ -164,69 +169,158 @@ class _Row:
         self.reported = True
         if not self.watch:
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
-        self.reason = self.reason or "length"  # only the LLM's own length limit ends a row without us
         if self.job.stream:
             self._send(self.text)
         self.job.emit(Finished(self.sent if self.job.stream else self.text, self.reason, self.generated))
 
 
-class _RowMonitor(StoppingCriteria):
-    """Called by generate once per step with every row's tokens so far; ends rows one by one, and ends
-    the whole batch early when `make_room()` says jobs wait for a place in it (see the module docstring)."""
+def _left_pad(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts (T_i, D_llm) -> embeddings (B, T, D_llm) left-padded with zeros, and their mask (B, T)."""
+    width = max(len(c) for c in contexts)
+    embeds = contexts[0].new_zeros(len(contexts), width, contexts[0].shape[-1])
+    mask = torch.zeros(len(contexts), width, dtype=torch.long, device=embeds.device)
+    for b, c in enumerate(contexts):
+        embeds[b, width - len(c) :] = c
+        mask[b, width - len(c) :] = 1
+    return embeds, mask
 
-    def __init__(self, rows: list[_Row], make_room=lambda running: False) -> None:
-        self.rows = rows
-        self.make_room = make_room
-        self.steps = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        self.steps += 1
-        for row, token in zip(self.rows, input_ids[:, -1].tolist()):  # input_ids (B, T_new)
+def _zeros_before(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`x` with zeros put before its entries along `dim` until that dimension is `width` long."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _plain_layers(cache) -> list | None:
+    """The cache's layers when every one is a plain growing layer holding keys and values (B, H, T, D_head),
+    which rows can be joined to and cut from; None for any other kind (sliding windows, recurrent states)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    return layers
+
+
+class _Batch:
+    """The rows decoding now: one KV cache, one new token per row per step (see the module docstring).
+
+    The cache holds (B, H, T, D_head) per layer, rows left-padded; `mask` (B, T) is 1 where a cache position
+    holds a real token of its row, and `tokens` (B,) is each row's newest token, fed at the next step. Rows
+    join between steps: their prompts are prefilled together, and their cache is padded on the left to the
+    running one's length (or it to theirs) and put beside it. Rows that end leave at once, and cache
+    positions that are padding in every row left are cut away. A model whose cache layers are not plain
+    (a sliding window, a recurrent state) cannot have rows put beside each other: there a join prefills the
+    whole batch again from each row's prompt and tokens so far (the same tokens, more work).
+    """
+
+    def __init__(self, model, counts: dict[str, int], *, leave_early: bool = True) -> None:
+        self.model = model
+        self.counts = counts
+        self.leave_early = leave_early  # False: ended rows are decoded as padding until every row has ended
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # (B, T)
+        self.tokens: torch.Tensor | None = None  # (B,)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, rows: list[_Row]) -> None:
+        """Prefill `rows`, give each its first token, and put them in the batch."""
+        self.counts["joined"] += len(rows) if self.rows else 0
+        if self.rows and _plain_layers(self.cache) is None:
+            rows, self.rows = self.rows + rows, []  # rebuilt: every row prefilled from its tokens so far
+        embedding = self.model.llm.get_input_embeddings()
+        embeds, mask = _left_pad([row.context(embedding) for row in rows])  # (B_new, T_new, D_llm), (B_new, T_new)
+        cache = DynamicCache(config=self.model.llm.config)
+        logits = self.model.decode_step(cache, mask, inputs_embeds=embeds)  # (B_new, V)
+        if not self.rows:
+            self.cache, self.mask = cache, mask
+            self.tokens = logits.new_zeros(0, dtype=torch.long)
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(_plain_layers(self.cache), _plain_layers(cache)):
+                old.keys = torch.cat([_zeros_before(old.keys, width, 2), _zeros_before(new.keys, width, 2)])
+                old.values = torch.cat([_zeros_before(old.values, width, 2), _zeros_before(new.values, width, 2)])
+            self.mask = torch.cat([_zeros_before(self.mask, width, 1), _zeros_before(mask, width, 1)])
+        tokens = _choose(rows, logits)
+        self.rows += rows
+        self.tokens = torch.cat([self.tokens, tokens])
+        self._take_tokens(rows, tokens)
+
+    def step(self) -> None:
+        """Decode one token for every row."""
+        self.counts["steps"] += 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T + 1)
+        logits = self.model.decode_step(self.cache, self.mask, input_ids=self.tokens[:, None])  # (B, V)
+        self.tokens = _choose(self.rows, logits)
+        self._take_tokens(self.rows, self.tokens)
+
+    def _take_tokens(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        """Push each row's new token, answer the rows that ended, and let them leave the batch."""
+        for row, token in zip(rows, tokens.tolist()):
             row.push(token)
             if row.reason is not None:
                 row.finish()  # answered now, not when the batch's longest row ends
-        ended = [row.reason is not None for row in self.rows]
-        if self.steps >= SEGMENT_STEPS and self.make_room(sum(not e for e in ended)):
-            ended = [True] * len(self.rows)  # the unfinished rows go on in the next batch
-        return torch.tensor(ended, device=input_ids.device)
+        keep = [b for b, row in enumerate(self.rows) if row.reason is None]
+        if len(keep) == len(self.rows) or (keep and not self.leave_early):
+            return
+        self.rows = [self.rows[b] for b in keep]
+        if not keep:
+            self.cache = self.mask = self.tokens = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.tokens = self.mask[index], self.tokens[index]
+        layers = _plain_layers(self.cache)
+        first = int(self.mask.any(0).long().argmax())  # positions before it are padding in every row
+        if first and layers is not None:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
 
 
-class _RowSampler(LogitsProcessor):
-    """Draws the next token of each sampling row with that row's own generator and leaves only it
-    possible, so generate's greedy step takes it; greedy rows (temperature 0) pass through untouched."""
-
-    def __init__(self, rows: list[_Row]) -> None:
-        self.rows = [(b, row) for b, row in enumerate(rows) if not row.job.options.greedy]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.clone()  # (B, V)
-        for b, row in self.rows:
-            o = row.job.options
-            if row.generator is None:  # made here: a generator must live on the device of the scores
-                row.generator = seeded_generator(scores.device, o.seed)
-            scores[b : b + 1] = draw_tokens(scores[b : b + 1], o.temperature, o.top_p, row.generator)  # (1, V)
-        return scores
+def _choose(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) -> each row's token (B,): greedy rows take the argmax, sampling rows draw with
+    their own temperature, top_p and generator (so a seeded answer does not depend on its neighbours)."""
+    scores = logits
+    for b, row in enumerate(rows):
+        o = row.job.options
+        if o.greedy:
+            continue
+        if scores is logits:
+            scores = logits.clone()
+        if row.generator is None:  # made here: a generator must live on the device of the scores
+            row.generator = seeded_generator(scores.device, o.seed)
+        scores[b : b + 1] = draw_tokens(scores[b : b + 1], o.temperature, o.top_p, row.generator)  # (1, V)
+    return scores.argmax(dim=-1)
 
 
 class GenerationEngine:
     """Owns the model; one thread runs the jobs in continuous batches (see the module docstring)."""
 
-    def __init__(self, model, processor: AudioProcessor, *, max_batch: int, batch_wait_s: float) -> None:
+    def __init__(
+        self, model, processor: AudioProcessor, *, max_batch: int, batch_wait_s: float, continuous: bool = True
+    ) -> None:
         self.model = model
         self.processor = processor
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.continuous = continuous
         tokenizer = processor.tokenizer
         self.stop_ids = frozenset(stop_token_ids(tokenizer, getattr(model.llm, "generation_config", None)))
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="eardrum-generate", daemon=True)
-        self._counts = {"batches": 0, "requests": 0, "largest_batch": 0, "continued": 0}
+        self._counts = {"requests": 0, "steps": 0, "largest_batch": 0, "joined": 0}
 
     def stats(self) -> dict[str, int]:
-        """Jobs waiting now; batches (generate calls) and requests run so far, the largest batch, and how
-        many times an unfinished row went on in a later batch to make room for waiting jobs."""
+        """Jobs waiting now; requests and decoding steps run so far, the most rows decoded in one step, and how
+        many rows joined a batch that was already running."""
         return {"waiting": len(self._pending), **self._counts}
 
     def start(self) -> None:
@@ -258,13 +352,10 @@ class GenerationEngine:
             self._pending.append(job)
             self._cond.notify()
 
-    def _make_room(self, running: int) -> bool:
-        """Whether a running batch with `running` unfinished rows should stop to let waiting jobs in."""
-        return bool(self._pending) and running < self.max_batch and not self._closed
-
     def _take(self, running: int) -> list[Job] | None:
         """Jobs to start beside `running` unfinished rows: when idle, wait for the first and up to
-        `batch_wait_s` for more; when rows run, only those already waiting. None once closed and idle."""
+        `batch_wait_s` for more; when rows run, only those already waiting (none when batching statically).
+        None once closed and idle."""
         with self._cond:
             if running == 0:
                 while not self._pending and not self._closed:
@@ -277,16 +368,31 @@ class GenerationEngine:
                     self._cond.wait(left)
             if self._closed:
                 return None if running == 0 else []
+            if running and not self.continuous:
+                return []
             room = self.max_batch - running
             batch = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
         return [job for job in batch if not job.cancelled]
 
     def _work(self) -> None:
-        rows: list[_Row] = []  # unfinished rows, carried from one batch to the next
-        while (jobs := self._take(len(rows))) is not None:
-            rows += self._start(jobs)
-            if rows:
-                rows = self._run(rows)
+        batch = _Batch(self.model, self._counts, leave_early=self.continuous)
+        while (jobs := self._take(len(batch))) is not None:
+            rows = self._start(jobs)
+            try:
+                if rows:
+                    batch.add(rows)
+                    self._counts["largest_batch"] = max(self._counts["largest_batch"], len(batch))
+                if len(batch):
+                    batch.step()
+                    if not len(batch) and not self._pending:
+                        _return_free_memory()  # idle now: the caches' freed memory goes back to the system
+            except Exception:  # one failing step must not stop the server: its requests get a 500
+                logger.exception("generation failed for a batch of %d requests", len(batch) + len(rows))
+                for row in {id(r): r for r in batch.rows + rows}.values():
+                    if not row.reported and row.reason != "cancelled":
+                        row.reported = True
+                        row.job.emit(_model_failed())
+                batch = _Batch(self.model, self._counts, leave_early=self.continuous)
 
     def _start(self, jobs: list[Job]) -> list[_Row]:
         """Rows for new jobs, each with its prompt embedded; a job whose prompt fails gets a 500 alone."""
@@ -317,47 +423,24 @@ class GenerationEngine:
         embeds = self.model.embed(**batch)  # (B, T, D_llm)
         return [e[m] for e, m in zip(embeds, mask)]
 
-    def _run(self, rows: list[_Row]) -> list[_Row]:
-        """One batched generate over `rows`; reports the rows that ended and returns those that go on."""
-        self._counts["batches"] += 1
-        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))
-        try:
-            self._generate(rows)
-        except Exception:  # one failing batch must not stop the server: its requests get a 500
-            logger.exception("generation failed for a batch of %d requests", len(rows))
-            for row in rows:
-                if not row.reported and row.reason != "cancelled":
-                    row.job.emit(_model_failed())
-            return []
-        going_on = [row for row in rows if row.reason is None]
-        for row in rows:
-            if row.reason is not None:
-                row.finish()  # those the LLM's own length ended (the others have reported already)
-        self._counts["continued"] += len(going_on)
-        return going_on
 
-    @torch.no_grad()
-    def _generate(self, rows: list[_Row]) -> None:
-        embedding = self.model.llm.get_input_embeddings()
-        contexts = [row.context(embedding) for row in rows]  # (T_i, D_llm) each
-        width = max(len(c) for c in contexts)
-        embeds = contexts[0].new_zeros(len(rows), width, contexts[0].shape[-1])  # (B, T, D_llm), left-padded
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)  # (B, T)
-        for b, c in enumerate(contexts):
-            embeds[b, width - len(c) :] = c
-            mask[b, width - len(c) :] = 1
-        sampler = [] if all(row.job.options.greedy for row in rows) else [_RowSampler(rows)]
-        # Greedy settings for the batch: sampling rows are drawn by _RowSampler (OpenAI's sampling has no
-        # top-k), and each row ends at its own stop, length or loop through _RowMonitor.
-        settings = GenerationSettings(max_new_tokens=max(row.left for row in rows), stop_loops=0)
-        generate_tokens(
-            self.model,
-            self.processor.tokenizer,
-            {"inputs_embeds": embeds, "attention_mask": mask},
-            settings,
-            logits_processor=sampler,
-            stopping_criteria=StoppingCriteriaList([_RowMonitor(rows, self._make_room)]),
-        )
+def _return_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). KV caches of every size are
+    allocated and freed as rows come and go; without this an idle server keeps their high-water mark. Elsewhere
+    (another C library, the GPU's memory) it does nothing."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 
 def _model_failed() -> APIError:

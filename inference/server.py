@@ -336,7 +336,8 @@ def create_app(model, processor: AudioProcessor, settings: ServerSettings) -> St
     """The ASGI app; its lifespan starts and stops the generation thread."""
     settings.validate()
     engine = GenerationEngine(
-        model, processor, max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000
+        model, processor, max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000,
+        continuous=settings.batching == "continuous",
     )
     reader = RequestReader(processor, settings, context=llm_context(model))
     started = int(time.time())

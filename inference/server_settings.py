@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BATCHING = ("continuous", "static")  # how requests share the model (eardrum.inference.batch_engine)
+
 
 @dataclass(frozen=True)
 class ServerSettings:
     """What one server serves and the limits it enforces."""
 
     model_name: str  # the id clients must send as `model`
-    max_batch: int = 8  # requests per generate call
+    max_batch: int = 8  # rows decoded together at most
     batch_wait_ms: float = 5.0  # how long the oldest request waits for others to share its batch
+    batching: str = "continuous"  # "continuous": requests join and leave a running batch; "static": they wait for it
     max_new_tokens: int = 512  # larger max_tokens are capped to this
     max_request_bytes: int = 25_000_000  # larger bodies get 413
     max_audio_seconds: float = 600.0  # per request, all clips together
@@ -35,6 +38,8 @@ class ServerSettings:
         ]
         if self.max_prompt_tokens is not None and not self.max_prompt_tokens > 0:
             problems.append(f"max_prompt_tokens: expected a positive number or none, got {self.max_prompt_tokens!r}")
+        if self.batching not in BATCHING:
+            problems.append(f"batching: expected one of {', '.join(BATCHING)}, got {self.batching!r}")
         if not self.batch_wait_ms >= 0:
             problems.append(f"batch_wait_ms: expected a number >= 0, got {self.batch_wait_ms!r}")
         if self.api_key is not None and not self.api_key.strip():

@@ -84,3 +84,16 @@ def test_server_soak_reports_every_kind_of_client_and_the_servers_resources(tmp_
     assert len(report["server_after_each_round"]) == 2 and report["server_after_each_round"][-1] == report[
         "server_after"]
     assert report["exit_code_on_sigterm"] == 0 and set(report["targets"]) >= {"log under 1 MB", "p99 < 10x p50"}
+
+
+def test_serve_batching_runs_both_modes_on_the_same_requests_with_the_same_answers(tmp_path):
+    out = tmp_path / "batching.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.serve_batching", "--requests", "6", "--clients", "3",
+                    "--max-batch", "2", "--repeats", "1", "--out", str(out)], check=True, capture_output=True,
+                   timeout=600, cwd=BENCH.parent, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert report["same_answers_in_both_modes"] and set(report["median"]) == {"continuous", "static"}
+    assert report["workload"]["clients"] == 3 and report["workload"]["completion_tokens"] > 6
+    assert all(len(runs) == 1 and runs[0]["completion_tokens"] == report["workload"]["completion_tokens"]
+               for runs in report["runs"].values())
+    assert set(report["ratio_continuous_over_static"]) == {"tokens_per_s", "latency_p50", "latency_p99"}

@@ -38,6 +38,7 @@ from eardrum.cli.serve import listen
 from eardrum.common.decoding import generate_tokens, stop_token_ids
 from eardrum.common.generation import GenerationSettings
 from eardrum.demo.smoke import QUESTION, run_smoke
+from eardrum.inference.batch_engine import Finished
 from eardrum.inference.server import DrainingServer, ServerSettings, create_app
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -331,11 +332,11 @@ def test_model_failure_is_a_500_and_the_next_request_works(direct, serve_in_thre
         def __getattr__(self, name: str):
             return getattr(self.model, name)
 
-        def generate(self, **kwargs) -> torch.Tensor:
+        def decode_step(self, *args, **kwargs) -> torch.Tensor:
             if not self.failed:
                 self.failed = True
                 raise RuntimeError("out of memory, say")
-            return self.model.generate(**kwargs)
+            return self.model.decode_step(*args, **kwargs)
 
     app = create_app(FailsOnce(direct.model), direct.processor, ServerSettings(model_name=MODEL, max_new_tokens=12))
     body = {"model": MODEL, "messages": _messages(_clip(4)), "temperature": 0}
@@ -450,8 +451,8 @@ def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(d
 
 
 def test_a_stop_signal_answers_waiting_requests_503_and_lets_the_running_one_finish(direct, monkeypatch):
-    real = direct.model.generate
-    monkeypatch.setattr(direct.model, "generate", lambda *a, **k: time.sleep(1.5) or real(*a, **k))
+    real = direct.model.decode_step
+    monkeypatch.setattr(direct.model, "decode_step", lambda *a, **k: time.sleep(0.75) or real(*a, **k))
     settings = ServerSettings(model_name=MODEL, max_new_tokens=4, max_batch=1, batch_wait_ms=0)
     app = create_app(direct.model, direct.processor, settings)
     engine = app.state.engine
@@ -476,7 +477,7 @@ def test_a_stop_signal_answers_waiting_requests_503_and_lets_the_running_one_fin
         until(lambda: server.started)
         posts = [threading.Thread(target=post, args=(0,))]
         posts[0].start()
-        until(lambda: engine.stats()["requests"] == 1)  # the first runs (sleeping in generate)
+        until(lambda: engine.stats()["requests"] == 1)  # the first runs (sleeping in each step)
         posts += [threading.Thread(target=post, args=(k,)) for k in (1, 2)]
         for p in posts[1:]:
             p.start()
@@ -542,8 +543,8 @@ def test_a_server_row_that_loops_ends_with_finish_reason_stop_like_every_other_p
 
 
 def test_a_long_answer_does_not_hold_back_a_short_request_and_goes_on_unchanged(direct, monkeypatch):
-    """Continuous batching: a short request sent while a 200-token answer runs joins within SEGMENT_STEPS
-    steps and is answered long before it ends; the long row goes on from where it was, to the same tokens."""
+    """Continuous batching: a short request sent while a 200-token answer runs joins the running batch at
+    once and is answered long before it ends; the long row goes on to the same tokens as alone."""
     from types import SimpleNamespace
 
     from eardrum.common import decoding
@@ -597,6 +598,70 @@ def test_a_long_answer_does_not_hold_back_a_short_request_and_goes_on_unchanged(
     both, stats = run([200, 3])
     (short, long_tokens_then), (long, _) = both[1], both[0]
     assert short.finish_reason == "length" and short.completion_tokens == 3
-    assert long_tokens_then <= 2 + 2 * batch_engine.SEGMENT_STEPS, long_tokens_then  # not after the long one's 200
-    assert long.completion_tokens == 200 and stats["continued"] >= 1 and stats["batches"] >= 2
-    assert long == alone[0][0]  # continued from its tokens so far: the same answer as uninterrupted
+    assert long_tokens_then < 40, long_tokens_then  # a few steps after it was sent, not after the long one's 200
+    assert long.completion_tokens == 200 and stats["joined"] == 1 and stats["largest_batch"] == 2
+    assert long == alone[0][0]  # decoded beside the short one: the same answer as alone
+
+
+@pytest.mark.parametrize("mode", ["continuous", "continuous, rebuilt cache", "static"])
+def test_mixed_requests_joining_and_leaving_a_running_batch_get_the_answers_they_get_alone(direct, monkeypatch, mode):
+    """Requests of different prompts (clips of several lengths, text only), answer lengths and sampling join
+    and leave batches as they come and go; each gets the tokens it gets when served alone. "rebuilt cache"
+    is the path of models whose cache rows cannot be put side by side: a join prefills the batch again."""
+    from types import SimpleNamespace
+
+    from eardrum.common import decoding
+    from eardrum.inference import batch_engine
+    from eardrum.inference.batch_engine import GenerationEngine
+    from eardrum.inference.openai_schema import SamplingOptions
+
+    never = direct.model.placeholder_id  # no end of turn, no loop stop: every row runs to its max_tokens
+    monkeypatch.setattr(decoding, "stop_token_ids", lambda tokenizer, config=None: [never])
+    monkeypatch.setattr(batch_engine, "LOOP_REPEATS", 0)
+    if mode == "continuous, rebuilt cache":
+        monkeypatch.setattr(batch_engine, "_plain_layers", lambda cache: None)
+
+    def conversation(k: int) -> list[dict]:
+        if k % 4 == 3:
+            return [{"role": "user", "content": f"say something about {k} beeps"}]
+        freq, beeps = list(TINY_SOUNDS.values())[k % 4]
+        wave = np.asarray(synth_sound(freq, beeps, 0.4 + 0.3 * k, phase=k), dtype=np.float32)
+        return [{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)},
+                                             {"type": "text", "text": QUESTION}]}]
+
+    requests = [(conversation(k), SamplingOptions(max_tokens=3 + (k * 7) % 25, temperature=0.0 if k % 3 else 0.8,
+                                                 top_p=1.0, seed=k)) for k in range(10)]
+
+    def serve(batch: list[int], max_batch: int, continuous: bool = True) -> tuple[dict, dict]:
+        """Submit the requests in `batch` in three waves, each once the engine has decoded a few more steps."""
+        results: dict[int, Finished] = {}
+        engine = GenerationEngine(direct.model, direct.processor, max_batch=max_batch, batch_wait_s=0,
+                                  continuous=continuous)
+        engine.stop_ids = frozenset([never])
+        engine.start()
+        deadline = time.monotonic() + 120
+        try:
+            for wave_start in range(0, len(batch), 4):
+                steps = engine.stats()["steps"]
+                while wave_start and engine.stats()["steps"] < steps + 3 and len(results) < wave_start:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                for k in batch[wave_start : wave_start + 4]:
+                    conv, options = requests[k]
+                    engine.submit(SimpleNamespace(conversation=conv, stream=False, options=options, cancelled=False,
+                                                  emit=lambda event, k=k: results.__setitem__(k, event)))
+            while len(results) < len(batch):
+                assert time.monotonic() < deadline, (engine.stats(), sorted(results))
+                time.sleep(0.005)
+        finally:
+            engine.close()
+        return results, engine.stats()
+
+    alone = {k: serve([k], max_batch=1)[0][k] for k in range(len(requests))}
+    together, stats = serve(list(range(len(requests))), max_batch=6, continuous=mode != "static")
+    assert all(isinstance(r, Finished) for r in together.values()), together
+    assert {k: (r.text, r.completion_tokens) for k, r in together.items()} == {
+        k: (r.text, r.completion_tokens) for k, r in alone.items()}
+    assert all(together[k].completion_tokens == requests[k][1].max_tokens for k in together)
+    assert stats["largest_batch"] > 1 and stats["requests"] == len(requests)
+    assert (stats["joined"] > 0) == (mode != "static"), stats
