@@ -147,10 +147,23 @@ class AudioProcessor:
         return batch
 
     # -------------------------------------------------------------- rendering
-    def _clip_text(self, wave: np.ndarray, windows: list[np.ndarray]) -> tuple[str, int]:
+    def _clip_text(self, wave: np.ndarray, windows: list[np.ndarray], transcript: str | None = None) -> tuple[str, int]:
+        """A clip's prompt text (its windows' placeholders, markers and hints) and audio-token count; `transcript`
+        (a part's own, see `_given_transcript`) is the hint of a clip of one window, instead of decoding one."""
         spans = plan_windows(len(wave), self.window, self.overlap)
         cfg, pieces, count = self.config, [], 0
-        hints = self._hints([wave[start:end] for start, end in spans]) if cfg.transcript_hint else None
+        if not cfg.transcript_hint:
+            hints = None
+        elif transcript is not None:
+            if len(spans) != 1:
+                raise ConversationError(
+                    f"an audio part's 'transcript' is the hint of a clip of one window; this clip lasts "
+                    f"{len(wave) / SAMPLING_RATE:.1f} s, {len(spans)} windows of {self.window / SAMPLING_RATE:g} s: "
+                    "give the windows as parts of their own, or leave the transcript out"
+                )
+            hints = [hint_text(transcript, self._not_in_hints)]
+        else:
+            hints = self._hints([wave[start:end] for start, end in spans])
         for k, (start, end) in enumerate(spans):
             if cfg.time_markers and len(spans) > 1:
                 pieces.append(time_marker(start / SAMPLING_RATE))
@@ -212,7 +225,7 @@ class AudioProcessor:
                     max_seconds=self.config.max_audio_seconds,
                     name=f"{where}, part {k}",
                 )
-                text, n = self._clip_text(wave, windows)
+                text, n = self._clip_text(wave, windows, _given_transcript(part, f"{where}, part {k}"))
                 texts.append(text)
                 count += n
             else:
@@ -323,6 +336,15 @@ class AudioProcessor:
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True, **kwargs)
+
+
+def _given_transcript(part: dict, where: str) -> str | None:
+    """An audio part's own "transcript": what Whisper wrote for the clip earlier (a library keeps it for each
+    window), used as the clip's hint where the model reads one instead of decoding it again; None without."""
+    transcript = part.get("transcript")
+    if transcript is not None and not isinstance(transcript, str):
+        raise ConversationError(f"{where}: 'transcript' must be a string, got {type(transcript).__name__}")
+    return transcript
 
 
 def _audio_source(part: dict, where: str):

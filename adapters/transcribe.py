@@ -94,6 +94,7 @@ class WhisperTranscriber(nn.Module):
         # (a server's request thread and its generation thread render the same windows: decoded once).
         self._known: OrderedDict[str, str] = OrderedDict()
         self._file: Path | None = None
+        self._fingerprints: dict[str, str] = {}  # `fingerprint`'s answers, by settings and the tensors it hashed
 
     def train(self, mode: bool = True) -> WhisperTranscriber:
         super().train(mode)
@@ -107,11 +108,16 @@ class WhisperTranscriber(nn.Module):
             settings["decode_options"] = self.decode_options
         if self.no_speech_threshold is not None:  # likewise
             settings["no_speech_threshold"] = self.no_speech_threshold
-        digest = hashlib.sha256(json.dumps(settings).encode())
-        for name, t in sorted(self.whisper.state_dict().items()):
-            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        state = sorted(self.whisper.state_dict().items())
+        # The weights are frozen: hashed once while the same tensors hold them (moved or cast, they are hashed again)
+        key = json.dumps(settings) + "".join(f"|{t.dtype}@{t.device}:{t.data_ptr()}" for _, t in state)
+        if key not in self._fingerprints:
+            digest = hashlib.sha256(json.dumps(settings).encode())
+            for name, t in state:
+                digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+            self._fingerprints[key] = digest.hexdigest()
+        return self._fingerprints[key]
 
     def attach_cache(self, directory: str | Path) -> Path:
         """Keep transcripts in `directory/<fingerprint>.jsonl` (read now, appended to as windows are decoded),
@@ -123,6 +129,11 @@ class WhisperTranscriber(nn.Module):
         self.reload()
         logger.info("transcript cache %s: %d windows known", path, len(self._known))
         return path
+
+    def forget(self) -> None:
+        """Drop every transcript held in memory, as a new process starts (an attached file stays; `reload`
+        reads it again): what a benchmark calls to time a first question."""
+        self._known.clear()
 
     def reload(self) -> None:
         """Read the attached transcript file again (what other processes appended since); nothing without one."""

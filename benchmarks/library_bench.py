@@ -15,9 +15,11 @@ Measured (JSON out):
   accuracy: among the right answers, how often the right window is among the cited sources;
 - invented answers: questions about projects the library never mentions that get an answer instead of "I
   cannot find it";
-- latency, question to first token (one new token generated): from the library at its full size and at each
-  whole hour of it (the library cut to its first recordings), against a question about one window given
-  directly; the search alone in a library padded with synthetic windows to `--simulate-hours` hours.
+- latency, question to first token (one new token generated), each question timed as the first about its
+  windows (no hint decoded before, as in a new process): from the library at its full size and at each whole
+  hour of it (the library cut to its first recordings), and from it without its stored hints (Whisper decoding
+  each window's hint), against a question about one window given directly; the search alone in a library
+  padded with synthetic windows to `--simulate-hours` hours.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
         LIBRARY_WINDOWS,
         AudioLibrary,
         model_describer,
+        model_hints,
         read_span,
     )
 
@@ -124,7 +127,8 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     library_path = work / "library.sqlite"
     library = AudioLibrary(library_path)
     started = time.perf_counter()
-    summary = library.index(files, model_describer(model, processor), describer=str(model_dir))
+    summary = library.index(files, model_describer(model, processor), describer=str(model_dir),
+                            hints=model_hints(model))
     index_s = time.perf_counter() - started
     hours = library.stats()["hours"]
     report: dict = {"set": json.loads((set_dir / "meta.json").read_text()), "model": str(model_dir),
@@ -193,6 +197,12 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     first = GenerationSettings(max_new_tokens=1)
     probe = (speech + sounds)[: max(1, repeats)]
 
+    def cold() -> None:
+        """Forget the hints decoded so far, as a new process would not have them (each question is timed as
+        the first one asked about its windows)."""
+        if model.transcriber is not None:
+            model.transcriber.forget()
+
     def library_latency(lib) -> float | None:
         """Median over the probe questions that find windows in `lib` (one that finds none is answered at
         once, without the model); None when none does."""
@@ -201,6 +211,7 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
             if not lib.search(row["question"], k=1):
                 continue
             chat = AudioChat(model, processor, first)
+            cold()
             t = time.perf_counter()
             chat.ask(row["question"], library=lib)
             times.append(time.perf_counter() - t)
@@ -210,9 +221,16 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     for row in probe:
         path, start, end = window_of(row)
         wave = read_span(path, start, end)
+        cold()
         t = time.perf_counter()
         AudioChat(model, processor, first).answer((wave, 16000), row["question"])
         single.append(time.perf_counter() - t)
+    unhinted = work / "library-without-hints.sqlite"  # the same library without its stored hints
+    shutil.copyfile(library_path, unhinted)
+    with sqlite3.connect(unhinted) as db:
+        db.execute("DELETE FROM meta WHERE key = 'hints_by'")
+    with AudioLibrary(unhinted) as lib:
+        decoding_hints = library_latency(lib)
     growth = {}
     steps = max(1, min(5, int(hours)))  # whole hours for a set of hours, else the set itself
     for k in range(1, steps + 1):
@@ -235,6 +253,7 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     report["latency_ms"] = {
         "one_window_directly": _median_ms(single), "library": full,
         "library_over_one_window": full and round(full / _median_ms(single), 2), "library_by_size": growth,
+        "library_decoding_its_hints": decoding_hints,  # the stored hints not used: Whisper decodes each window
         "search_alone": {f"{hours:.2f} h": search_times["indexed"],
                          f"{simulate_hours:g} h (synthetic windows)": search_times["padded"]},
         "synthetic_windows_added": added, "padded_library_bytes": padded.stat().st_size,

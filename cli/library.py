@@ -59,14 +59,14 @@ def run_index(args: argparse.Namespace) -> int:
         library = AudioLibrary(args.library, window_s=args.window, overlap_s=args.overlap)
         from eardrum.adapters.checkpoint import checkpoint_folder, read_checkpoint_meta
         from eardrum.adapters.placement import load_placed
-        from eardrum.inference.library import model_describer
+        from eardrum.inference.library import model_describer, model_hints
 
         folder = checkpoint_folder(args.model)  # a Hub id is fetched into the Hugging Face cache
         read_checkpoint_meta(folder)
         model, processor = load_placed(folder, placement(args))
         with library:
             summary = library.index(args.sources, model_describer(model, processor),
-                                    describer=str(folder.resolve()), progress=print)
+                                    describer=str(folder.resolve()), progress=print, hints=model_hints(model))
     except (LibraryError, ValueError, OSError) as err:
         return _fail("index", err)
     for path, why in summary["skipped"]:

@@ -36,6 +36,7 @@ from .library import (
     AudioLibrary,
     Hit,
     find_windows,
+    hints_fingerprint,
     sources_line,
     user_question,
     window_parts,
@@ -212,7 +213,7 @@ class AudioChat:
             raise ValueError(f"question: expected non-empty text, got {text!r}")
         # follow-ups ("and who decided it?") are searched with the earlier questions
         earlier = [q for q in map(user_question, self._messages) if q]
-        hits = find_windows(library, text, earlier, windows)
+        hits = find_windows(library, text, earlier, windows, hints_for=hints_fingerprint(self.model))
         self.last_sources = hits
         user = {"role": "user", "content": [*window_parts(hits), {"type": "text", "text": text}]}
         answer = f"{self._generate([*self._messages, user], settings)}{sources_line(hits)}" if hits else NOTHING_FOUND

@@ -8,7 +8,10 @@ The store is one SQLite file (no server; FTS5 ranks windows by BM25). Each file 
 transaction, so a killed run loses nothing already indexed and leaves no half-indexed file; a file is
 known by its content hash, so a re-run skips the unchanged ones, re-indexes changed ones and drops the
 windows of files that are gone. A file that cannot be read is named and skipped. What a window's text is
-comes from `describe` (windows -> texts), e.g. the model's own transcript of each window.
+comes from `describe` (windows -> texts), e.g. the model's own transcript of each window. For a model that
+reads Whisper's transcript beside the audio (`transcript_hint`), each window also keeps that transcript
+(`model_hints`), so a question heard from the library does not decode it again: on a CPU that decoding
+costs more than the rest of the question's prompt.
 
 A library outgrowing one machine moves to a server-grade engine by exporting `windows` (path, start,
 end, text) as rows: every column is plain data.
@@ -34,7 +37,7 @@ from eardrum.adapters.config import plan_windows
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_VERSION = 2  # 2: words are stemmed (porter) in the full-text index, so "beeping" finds "beep"
+LIBRARY_VERSION = 3  # 2: words are stemmed (porter), so "beeping" finds "beep"; 3: each window keeps its hint
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")  # what soundfile decodes
 DEFAULT_WINDOW_S = 20.0
 DEFAULT_OVERLAP_S = 5.0
@@ -58,7 +61,7 @@ CREATE TABLE IF NOT EXISTS files (
     indexed_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    start REAL NOT NULL, end REAL NOT NULL, text TEXT NOT NULL);
+    start REAL NOT NULL, end REAL NOT NULL, text TEXT NOT NULL, hint TEXT);
 CREATE INDEX IF NOT EXISTS windows_by_file ON windows(file_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, content='windows', content_rowid='id',
     tokenize='porter unicode61');
@@ -84,6 +87,31 @@ class Hit:
     text: str
     score: float
     coverage: float = 1.0  # the idf-weighted share of the question's words this window holds (MIN_COVERAGE)
+    hint: str | None = None  # Whisper's transcript of the window, kept when it was indexed (`model_hints`)
+
+
+@dataclass(frozen=True)
+class HintSource:
+    """Where a library's stored hints come from: `transcribe(waves) -> texts`, and the fingerprint of the
+    transcriber (its weights and settings), so the hints are used only by a model that would write the same."""
+
+    transcribe: Callable[[list[np.ndarray]], list[str]]
+    fingerprint: str
+
+
+def model_hints(model) -> HintSource | None:
+    """The hints a model reads beside each window (its transcriber; `AudioLLMConfig.transcript_hint`), or None
+    for a model without them. `model` is an `AudioLLM` or its `AudioProcessor` (both hold the transcriber)."""
+    transcriber = getattr(model, "transcriber", None)
+    if transcriber is None or not model.config.transcript_hint:
+        return None
+    return HintSource(transcriber, transcriber.fingerprint())
+
+
+def hints_fingerprint(model) -> str | None:
+    """`model_hints(model).fingerprint`, or None for a model without hints: what `find_windows` asks for."""
+    hints = model_hints(model)
+    return hints.fingerprint if hints is not None else None
 
 
 def file_sha256(path: Path) -> str:
@@ -175,16 +203,17 @@ def user_question(message: dict) -> str | None:
 
 
 def find_windows(library: AudioLibrary | str | os.PathLike, question: str, earlier: Sequence[str] = (),
-                 k: int = LIBRARY_WINDOWS) -> list[Hit]:
+                 k: int = LIBRARY_WINDOWS, hints_for: str | None = None) -> list[Hit]:
     """The `k` windows of `library` (an open library or its file) that best match `question`; a follow-up
-    (`is_follow_up`) whose own words find nothing is searched with the last two `earlier` questions instead."""
+    (`is_follow_up`) whose own words find nothing is searched with the last two `earlier` questions instead.
+    `hints_for`: the asking model's transcriber fingerprint (`AudioLibrary.search`)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"windows: expected a positive number of library windows, got {k!r}")
     opened = library if isinstance(library, AudioLibrary) else open_library(library)
     try:
-        hits = opened.search(question, k)
+        hits = opened.search(question, k, hints_for=hints_for)
         if not hits and earlier and is_follow_up(question):  # its own words found nothing: the topic is earlier
-            hits = opened.search(" ".join(earlier[-2:]), k)
+            hits = opened.search(" ".join(earlier[-2:]), k, hints_for=hints_for)
         return hits
     finally:
         if opened is not library:
@@ -192,14 +221,17 @@ def find_windows(library: AudioLibrary | str | os.PathLike, question: str, earli
 
 
 def window_parts(hits: Sequence[Hit]) -> list[dict]:
-    """Content parts that let the model hear each window: its intro (file name and [mm:ss]) and its audio."""
+    """Content parts that let the model hear each window: its intro (file name and [mm:ss]) and its audio, with
+    the hint kept for it (`Hit.hint`) where there is one."""
     from eardrum.adapters.processor import time_marker
 
     parts: list[dict] = []
     for hit in hits:
         intro = LIBRARY_INTRO.format(name=Path(hit.path).name, time=time_marker(hit.start))
-        parts += [{"type": "text", "text": intro},
-                  {"type": "audio", "audio": (read_span(hit.path, hit.start, hit.end), SAMPLING_RATE)}]
+        audio = {"type": "audio", "audio": (read_span(hit.path, hit.start, hit.end), SAMPLING_RATE)}
+        if hit.hint is not None:
+            audio["transcript"] = hit.hint
+        parts += [{"type": "text", "text": intro}, audio]
     return parts
 
 
@@ -245,6 +277,11 @@ class AudioLibrary:
         except sqlite3.DatabaseError as err:
             raise LibraryError(f"{self.path}: not an eardrum library ({err})") from None
         stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if stored.get("version") == "2":  # the same index without stored hints: windows keep an empty hint column
+            with self.db:
+                self.db.execute("ALTER TABLE windows ADD COLUMN hint TEXT")
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(LIBRARY_VERSION),))
+            stored["version"] = str(LIBRARY_VERSION)
         wanted = {"version": str(LIBRARY_VERSION),
                   "window_s": str(float(window_s if window_s is not None else DEFAULT_WINDOW_S)),
                   "overlap_s": str(float(overlap_s if overlap_s is not None else DEFAULT_OVERLAP_S))}
@@ -304,11 +341,12 @@ class AudioLibrary:
         describer: str,
         batch_windows: int = 16,
         progress: Callable[[str], None] | None = None,
+        hints: HintSource | None = None,
     ) -> dict:
         """Index the audio files of `sources`: new and changed files (by content hash) get their windows and
         texts (`describe(waves) -> texts`, called on up to `batch_windows` windows at once); files of
         `sources` that are gone lose theirs. `describer` names what makes the texts (e.g. the model folder);
-        a library holds the texts of one describer only.
+        a library holds the texts of one describer only. `hints` (`model_hints`) keeps each window's hint too.
 
         Returns {"files_seen", "indexed", "unchanged", "removed", "skipped": [(path, why)], "audio_seconds",
         "seconds"}; a file that cannot be read is skipped (logged, listed) and never stops the run."""
@@ -319,6 +357,15 @@ class AudioLibrary:
         if known is None:
             with self.db:
                 self.db.execute("INSERT INTO meta VALUES ('describer', ?)", (describer,))
+        if hints is not None:
+            kept_by = self.meta("hints_by")
+            if kept_by is None:
+                with self.db:
+                    self.db.execute("INSERT INTO meta VALUES ('hints_by', ?)", (hints.fingerprint,))
+            elif kept_by != hints.fingerprint:  # one transcriber's hints per library; these windows go without
+                logger.warning("%s: its hints come from another transcriber (weights, precision or settings); "
+                               "the windows indexed now keep none", self.path)
+                hints = None
         start_time = time.perf_counter()
         summary = {"files_seen": 0, "indexed": 0, "unchanged": 0, "removed": 0, "skipped": [], "audio_seconds": 0.0}
         seen: set[str] = set()
@@ -337,7 +384,7 @@ class AudioLibrary:
                 logger.warning("skipped %s: %s", path, err)
                 summary["skipped"].append((str(path), str(err)))
                 continue
-            self._index_file(path, digest, wave, describe, batch_windows)
+            self._index_file(path, digest, wave, describe, batch_windows, hints)
             summary["indexed"] += 1
             summary["audio_seconds"] += len(wave) / SAMPLING_RATE
             if progress is not None:
@@ -349,12 +396,16 @@ class AudioLibrary:
         summary["seconds"] = time.perf_counter() - start_time
         return summary
 
-    def _index_file(self, path: Path, digest: str, wave: np.ndarray, describe, batch_windows: int) -> None:
+    def _index_file(self, path: Path, digest: str, wave: np.ndarray, describe, batch_windows: int,
+                    hints: HintSource | None) -> None:
         spans = plan_windows(len(wave), int(self.window_s * SAMPLING_RATE), int(self.overlap_s * SAMPLING_RATE))
         texts: list[str] = []
+        heard: list[str | None] = []
         for first in range(0, len(spans), batch_windows):
-            chunk = spans[first : first + batch_windows]
-            texts += describe([wave[a:b] for a, b in chunk])
+            waves = [wave[a:b] for a, b in spans[first : first + batch_windows]]
+            texts += describe(waves)
+            # the describer's model has just decoded these hints: its transcriber hands them back from memory
+            heard += hints.transcribe(waves) if hints is not None else [None] * len(waves)
         if len(texts) != len(spans):
             raise LibraryError(f"describe returned {len(texts)} texts for {len(spans)} windows of {path}")
         with self.db:  # one transaction: the file is indexed whole or not at all
@@ -363,8 +414,9 @@ class AudioLibrary:
                 "INSERT INTO files (path, sha256, seconds, indexed_at) VALUES (?, ?, ?, ?)",
                 (str(path), digest, len(wave) / SAMPLING_RATE, time.time())).lastrowid
             self.db.executemany(
-                "INSERT INTO windows (file_id, start, end, text) VALUES (?, ?, ?, ?)",
-                [(file_id, a / SAMPLING_RATE, b / SAMPLING_RATE, text) for (a, b), text in zip(spans, texts)])
+                "INSERT INTO windows (file_id, start, end, text, hint) VALUES (?, ?, ?, ?, ?)",
+                [(file_id, a / SAMPLING_RATE, b / SAMPLING_RATE, text, hint)
+                 for (a, b), text, hint in zip(spans, texts, heard)])
 
     def _remove_gone(self, roots: list[Path], seen: set[str]) -> int:
         gone = [p for (p,) in self.db.execute("SELECT path FROM files") if p not in seen and any(
@@ -375,21 +427,24 @@ class AudioLibrary:
             logger.info("removed %s from the library: the file is gone", p)
         return len(gone)
 
-    def search(self, question: str, k: int = 5, min_coverage: float = MIN_COVERAGE) -> list[Hit]:
+    def search(self, question: str, k: int = 5, min_coverage: float = MIN_COVERAGE,
+               hints_for: str | None = None) -> list[Hit]:
         """The `k` windows whose text best matches the words of `question` (BM25), best first, among those
         holding at least `min_coverage` of its words weighted by rarity (`MIN_COVERAGE`; 0 keeps every match);
-        [] when no window does."""
+        [] when no window does. The hits hold their stored hints only for the transcriber whose fingerprint is
+        `hints_for` (`HintSource.fingerprint`) and whose hints these are."""
         terms = search_terms(question)
         if not terms:
             return []
         rows = self.db.execute(
-            "SELECT w.id, f.path, w.start, w.end, w.text, bm25(windows_text) AS score FROM windows_text "
+            "SELECT w.id, f.path, w.start, w.end, w.text, bm25(windows_text) AS score, w.hint FROM windows_text "
             "JOIN windows w ON w.id = windows_text.rowid JOIN files f ON f.id = w.file_id "
             "WHERE windows_text MATCH ? ORDER BY score LIMIT ?", (terms, k)).fetchall()
         if not rows:
             return []
         coverage = self._coverage(question_words(question), [row[0] for row in rows])
-        hits = [Hit(*row[1:], coverage=round(coverage[row[0]], 4)) for row in rows]
+        usable = hints_for is not None and hints_for == self.meta("hints_by")
+        hits = [Hit(*row[1:6], coverage=round(coverage[row[0]], 4), hint=row[6] if usable else None) for row in rows]
         return [h for h in hits if h.coverage >= min_coverage]
 
     def _coverage(self, words: list[str], ids: list[int]) -> dict[int, float]:

@@ -54,7 +54,16 @@ from eardrum.adapters.processor import AudioProcessor, ConversationError
 
 from .batch_engine import Finished, GenerationEngine, Job
 from .connections import guarded_protocol, limit_log_floods
-from .library import NOTHING_FOUND, Hit, LibraryError, find_windows, sources_line, user_question, window_parts
+from .library import (
+    NOTHING_FOUND,
+    Hit,
+    LibraryError,
+    find_windows,
+    hints_fingerprint,
+    sources_line,
+    user_question,
+    window_parts,
+)
 from .openai_schema import (
     APIError,
     AudioClip,
@@ -149,6 +158,7 @@ class RequestReader:
         shared = {id(processor.transcriber): processor.transcriber} if processor.transcriber is not None else {}
         self.processor = copy.deepcopy(processor, shared)
         self.settings = settings
+        self.hints_for = hints_fingerprint(processor)  # library windows' stored hints are read, not decoded again
         # The longest prompt taken: --max-prompt-tokens, and below the LLM's context (room for one new token).
         limits = [n for n in (settings.max_prompt_tokens, context - 1 if context else None) if n]
         self.max_prompt_tokens = min(limits) if limits else None
@@ -189,7 +199,7 @@ class RequestReader:
             raise bad_request("messages: a library question needs a last user message that ends in text", "messages")
         earlier = [q for q in map(user_question, asked[:-1]) if q]
         try:
-            hits = find_windows(self.settings.library, last, earlier)
+            hits = find_windows(self.settings.library, last, earlier, hints_for=self.hints_for)
         except LibraryError as err:
             raise APIError(500, f"the server's library cannot be read: {err}", type="server_error") from err
         content = asked[-1]["content"]

@@ -12,7 +12,7 @@ from conftest import build_tokenizer, whisper_feature_extractor
 from eardrum.adapters.checkpoint import CheckpointError, build_audio_llm, load_pretrained, load_processor
 from eardrum.adapters.config import AudioLLMConfig, ConfigError
 from eardrum.adapters.encoders import AudioFeaturizer, FrameSpec
-from eardrum.adapters.processor import IGNORE_INDEX, AudioProcessor
+from eardrum.adapters.processor import IGNORE_INDEX, AudioProcessor, ConversationError
 from eardrum.adapters.projectors import ProjectorConfig
 from eardrum.adapters.transcribe import HINT_FORMAT, HINT_NONE, TranscriberError, WhisperTranscriber, hint_text
 
@@ -247,3 +247,22 @@ def test_transcript_no_speech_must_be_a_probability_with_hints(value):
     with pytest.raises(ConfigError, match="transcript_no_speech"):
         AudioLLMConfig(encoder="e", llm="l", transcript_no_speech=0.6).validate()  # no hints to gate
     AudioLLMConfig(encoder="e", llm="l", transcript_hint=True, transcript_no_speech=0.6).validate()
+
+
+def test_an_audio_part_can_bring_its_own_transcript_as_the_hint_of_its_one_window():
+    heard = Scripted()
+    proc = processor(heard, window_seconds=1.0)
+    clip = np.zeros(8000, np.float32)
+    given = [{"role": "user", "content": [{"type": "audio", "audio": (clip, 16000), "transcript": "kept earlier"},
+                                          {"type": "text", "text": "what?"}]}]
+    text = proc.tokenizer.decode(proc(given, add_generation_prompt=True)["input_ids"][0])
+    assert HINT_FORMAT.format(text="kept earlier") in text and heard.calls == []  # nothing decoded
+    decoded = proc.tokenizer.decode(proc(ask(clip)[:1], add_generation_prompt=True)["input_ids"][0])
+    assert heard.calls == [[8000]] and decoded.replace("w8000", "kept earlier") == text  # the same prompt otherwise
+    longer = [{"role": "user", "content": [{"type": "audio", "audio": (np.zeros(24000, np.float32), 16000),
+                                            "transcript": "two windows"}]}]
+    with pytest.raises(ConversationError, match="'transcript' is the hint of a clip of one window; this clip lasts 1.5 s"):
+        proc(longer, add_generation_prompt=True)
+    given[0]["content"][0]["transcript"] = 3
+    with pytest.raises(ConversationError, match="'transcript' must be a string, got int"):
+        proc(given, add_generation_prompt=True)

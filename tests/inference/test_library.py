@@ -225,3 +225,51 @@ def test_the_server_answers_library_requests_from_its_windows_with_sources(tmp_p
     with serve_in_thread(create_app(*built, without)) as base:
         refused = ask(base, "budget?", library=True)
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_library"
+
+
+def test_windows_keep_their_hints_and_a_library_question_does_not_decode_them_again(tmp_path, folder):
+    """A model that reads Whisper's transcript beside the audio (transcript_hint) gets each window's hint from the
+    library, kept when it was indexed: asking decodes nothing; a library whose hints another transcriber made, or
+    one indexed without them, has its windows decoded as usual."""
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+    from eardrum.inference.chat import AudioChat, GenerationSettings
+    from eardrum.inference.library import model_hints
+
+    model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama", transcript_hint=True))
+    hints = model_hints(model)
+    assert hints is not None and hints.fingerprint == model.transcriber.fingerprint()
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder], Describer(), describer="test", hints=hints)
+        kept = dict(lib.db.execute("SELECT w.start, w.hint FROM windows w JOIN files f ON f.id = w.file_id "
+                                   "WHERE f.path LIKE '%meeting.wav'").fetchall())
+    decoded = []
+    real = model.transcriber.forward
+    model.transcriber.forward = lambda windows: decoded.append(len(windows)) or real(windows)  # counts decodes
+    model.transcriber.forget()
+    chat = AudioChat(model, processor, settings=GenerationSettings(max_new_tokens=2))
+    chat.ask("What did Maria say about the budget?", library=path, windows=1)
+    hit = chat.last_sources[0]
+    assert (hit.start, hit.hint) == (30.0, kept[30.0]) and isinstance(hit.hint, str)
+    assert chat.history[-2]["content"][1]["transcript"] == kept[30.0] and decoded == []  # read, not decoded
+    with sqlite3.connect(path) as db:  # hints from another transcriber (other weights, precision or settings)
+        db.execute("UPDATE meta SET value = 'another' WHERE key = 'hints_by'")
+    model.transcriber.forget()
+    chat.ask("What did Maria say about the budget?", library=path, windows=1)
+    assert chat.last_sources[0].hint is None and "transcript" not in chat.history[-2]["content"][1]
+    assert decoded == [1]  # decoded as for any recording
+    model.transcriber.forward = real
+
+
+def test_a_library_of_the_version_before_stored_hints_opens_and_searches(tmp_path, folder):
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder], Describer(), describer="test")
+    with sqlite3.connect(path) as db:  # as version 2 wrote it: no hint column
+        db.execute("ALTER TABLE windows DROP COLUMN hint")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
+    with AudioLibrary(path) as lib:
+        hits = lib.search("budget approved by Maria", k=1, hints_for="any")
+        assert hits[0].path.endswith("meeting.wav") and hits[0].hint is None
+        assert lib.meta("version") == "3"
