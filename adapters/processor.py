@@ -2,8 +2,9 @@
 
 A message is `{"role": ..., "content": str | list[part]}`; a part is `{"type": "text", "text": ...}`
 or `{"type": "audio", "audio": SOURCE}` (SOURCE: a path, encoded bytes, `(array, rate)`, or a
-`datasets`-style dict; `"path"`, `"bytes"` or `"array"` + `"sampling_rate"` keys also work).
-Parts of one message are joined with a newline.
+`datasets`-style dict; `"path"`, `"bytes"` or `"array"` + `"sampling_rate"` keys also work). An audio
+part of one window may hold `"transcript"`: Whisper's transcript of it, written earlier, which a model with
+`transcript_hint` reads instead of decoding it again. Parts of one message are joined with a newline.
 
 Each clip becomes, in the text, `[audio_begin] ([mm:ss])? <ph> * n ... [audio_end]`: one run of
 placeholders per encoder window, n given by `num_audio_tokens`, optional time markers before each
