@@ -1,8 +1,9 @@
 """The same checkpoint and prompt give the same answer through every entry point that generates text.
 
-Chat, batch generation, evaluation, the server, training-time evaluation and self-distillation all
-decode through `eardrum.common.decoding`; this checks that none of them drifts (another stop rule,
-another pad or strip) by asking each one the same question about the same clip.
+Chat, batch generation, evaluation, training-time evaluation and self-distillation all decode through
+`eardrum.common.decoding`, and the server decodes its continuous batches step by step with the same stop
+rules; this checks that none of them drifts (another stop rule, another pad or strip) by asking each one
+the same question about the same clip.
 """
 
 from __future__ import annotations

@@ -431,8 +431,8 @@ def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(d
     context = direct.model.llm.config.max_position_embeddings
     long_text = "hello " * (context + 10)
     calls = []
-    real = direct.model.generate
-    monkeypatch.setattr(direct.model, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = direct.model.decode_step
+    monkeypatch.setattr(direct.model, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     settings = ServerSettings(model_name=MODEL, max_new_tokens=2, max_prompt_tokens=30)
     with serve_in_thread(create_app(direct.model, direct.processor, settings)) as base:
         url = f"{base}/v1/chat/completions"
@@ -442,7 +442,7 @@ def test_a_prompt_over_the_limit_or_the_context_gets_400_before_any_generation(d
         assert re.search(r"the prompt is \d+ tokens .* at most 30 tokens", error["message"]), error["message"]
         assert not calls
         short = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        assert httpx.post(url, json=short, timeout=TIMEOUT).status_code == 200
+        assert httpx.post(url, json=short, timeout=TIMEOUT).status_code == 200 and calls  # the spy sees steps
     settings = ServerSettings(model_name=MODEL, max_new_tokens=2)  # no flag: the LLM's own context
     with serve_in_thread(create_app(direct.model, direct.processor, settings)) as base:
         body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 2}
