@@ -116,11 +116,6 @@ class _Row:
         # Decoding at every step costs; only rows that stream or look for stop strings need it.
         self.watch = job.stream or bool(job.options.stop)
 
-    @property
-    def left(self) -> int:
-        """New tokens this row may still generate."""
-        return self.job.options.max_tokens - self.generated
-
     def context(self, embedding: torch.nn.Module) -> torch.Tensor:
         """(T_prompt + T_so_far, D_llm): the prompt's embeddings, then those of the tokens generated so far."""
         if not self.ids:
