@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from eardrum.adapters.audio import SAMPLING_RATE, AudioError, load_audio
-from eardrum.adapters.config import plan_windows
+from eardrum.adapters.config import plan_windows, window_samples
 
 logger = logging.getLogger(__name__)
 
@@ -92,26 +92,38 @@ class Hit:
 
 @dataclass(frozen=True)
 class HintSource:
-    """Where a library's stored hints come from: `transcribe(waves) -> texts`, and the fingerprint of the
-    transcriber (its weights and settings), so the hints are used only by a model that would write the same."""
+    """Where a library's stored hints come from: `transcribe(waves) -> texts`, the model's `hints_fingerprint`
+    (so the hints are used only by a model that would write and read them the same) and its encoder window in
+    samples (a library window longer than that is two windows to the model, and one stored hint cannot serve)."""
 
     transcribe: Callable[[list[np.ndarray]], list[str]]
     fingerprint: str
+    window_samples: int
 
 
-def model_hints(model) -> HintSource | None:
-    """The hints a model reads beside each window (its transcriber; `AudioLLMConfig.transcript_hint`), or None
-    for a model without them. `model` is an `AudioLLM` or its `AudioProcessor` (both hold the transcriber)."""
-    transcriber = getattr(model, "transcriber", None)
-    if transcriber is None or not model.config.transcript_hint:
-        return None
-    return HintSource(transcriber, transcriber.fingerprint())
+def _encoder_window(model) -> int:
+    """The encoder window in samples of an `AudioLLM` or its `AudioProcessor`."""
+    spec = model.featurizer.spec if hasattr(model, "featurizer") else model.encoder.spec
+    return window_samples(model.config, spec)
 
 
 def hints_fingerprint(model) -> str | None:
-    """`model_hints(model).fingerprint`, or None for a model without hints: what `find_windows` asks for."""
-    hints = model_hints(model)
-    return hints.fingerprint if hints is not None else None
+    """What a library's stored hints must have been made by for `model` (an `AudioLLM` or its `AudioProcessor`)
+    to read them: its transcriber's fingerprint (weights, precision, settings) and its encoder window; None for
+    a model that reads no hints (`AudioLLMConfig.transcript_hint` off). `find_windows` asks with it."""
+    transcriber = getattr(model, "transcriber", None)
+    if transcriber is None or not model.config.transcript_hint:
+        return None
+    return f"{transcriber.fingerprint()}/{_encoder_window(model)}"
+
+
+def model_hints(model) -> HintSource | None:
+    """The hints a model reads beside each window (its transcriber), for `AudioLibrary.index` to keep; None for
+    a model without them."""
+    fingerprint = hints_fingerprint(model)
+    if fingerprint is None:
+        return None
+    return HintSource(model.transcriber, fingerprint, _encoder_window(model))
 
 
 def file_sha256(path: Path) -> str:
@@ -357,6 +369,11 @@ class AudioLibrary:
         if known is None:
             with self.db:
                 self.db.execute("INSERT INTO meta VALUES ('describer', ?)", (describer,))
+        if hints is not None and round(self.window_s * SAMPLING_RATE) > hints.window_samples:
+            logger.warning("%s: its %g s windows are longer than the model's encoder window (%g s), so a window's "
+                           "hint would stand for two; none are kept", self.path, self.window_s,
+                           hints.window_samples / SAMPLING_RATE)
+            hints = None
         if hints is not None:
             kept_by = self.meta("hints_by")
             if kept_by is None:

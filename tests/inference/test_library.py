@@ -234,11 +234,13 @@ def test_windows_keep_their_hints_and_a_library_question_does_not_decode_them_ag
     from eardrum.adapters.checkpoint import build_audio_llm
     from eardrum.adapters.config import AudioLLMConfig
     from eardrum.inference.chat import AudioChat, GenerationSettings
-    from eardrum.inference.library import model_hints
+    from eardrum.inference.library import hints_fingerprint, model_hints
 
     model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama", transcript_hint=True))
     hints = model_hints(model)
-    assert hints is not None and hints.fingerprint == model.transcriber.fingerprint()
+    window = processor.window  # the encoder window in samples
+    assert hints is not None and hints.fingerprint == f"{model.transcriber.fingerprint()}/{window}"
+    assert hints.window_samples == window and hints_fingerprint(processor) == hints.fingerprint  # the server's
     path = tmp_path / "lib.sqlite"
     with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
         lib.index([folder], Describer(), describer="test", hints=hints)
@@ -273,3 +275,23 @@ def test_a_library_of_the_version_before_stored_hints_opens_and_searches(tmp_pat
         hits = lib.search("budget approved by Maria", k=1, hints_for="any")
         assert hits[0].path.endswith("meeting.wav") and hits[0].hint is None
         assert lib.meta("version") == "3"
+
+
+def test_windows_longer_than_the_models_encoder_window_keep_no_hint_and_are_asked_as_usual(tmp_path, folder):
+    """A 20 s library window is two windows to a model that encodes 10 s at a time: one stored hint cannot stand
+    for both, so none is kept, and a question decodes the windows' hints as for any recording."""
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+    from eardrum.inference.chat import AudioChat, GenerationSettings
+    from eardrum.inference.library import model_hints
+
+    model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama", transcript_hint=True,
+                                                      window_seconds=10))
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder], Describer(), describer="test", hints=model_hints(model))
+        assert lib.meta("hints_by") is None
+        assert lib.db.execute("SELECT COUNT(*) FROM windows WHERE hint IS NOT NULL").fetchone()[0] == 0
+    chat = AudioChat(model, processor, settings=GenerationSettings(max_new_tokens=2))
+    answer = chat.ask("What did Maria say about the budget?", library=path, windows=1)
+    assert answer.endswith("Sources: meeting.wav 00:30") and "transcript" not in chat.history[-2]["content"][1]
