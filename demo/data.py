@@ -10,8 +10,11 @@ Voices: half the training speech is Piper at two speaking rates (0.9x and 1.15x)
 English accents x ten voice variants at three pitches. Held-out speech uses only voices that no
 training clip uses: two accents (Caribbean, West Midlands) and two variants (m4, f3) never trained
 on. Training clips are augmented (speed perturbation, which moves pitch and formants like another
-speaker; background noise; level), held-out clips are clean. Held-out sentences and questions are
-strings that never occur in training. Clips without speech (silence, room tone, noise, sounds) teach
+speaker; background noise; level), held-out clips are clean. Spoken sentences are of three kinds, in
+both splits: everyday sentences of every shape (`kind` "varied"), short utterances (replies, numbers, digit
+strings read one by one, single words: "short") and templated sentences with names, places and counts
+("template"). Held-out sentences and questions are strings that never occur in training. Clips without
+speech (silence, room tone, noise, sounds) teach
 and measure the answer "no speech" to a request for a transcript (`nospeech_test`; their rows say
 `"transcript": ""`: nothing is said). A quarter of the spoken training questions, and some of the
 captioned training sounds, are also asked to be transcribed, so the instruction decides whether a
@@ -71,13 +74,14 @@ __all__ = [
     "score_caption_events",
 ]
 
-GENERATOR_VERSION = 7  # bump whenever a change would alter generated texts or audio
+GENERATOR_VERSION = 8  # bump whenever a change would alter generated texts or audio
 RATE = SAMPLING_RATE  # every clip is written at the rate the encoders take
 MANIFESTS = tuple(
     "asr_train asr_test qa_train qa_test caption_train caption_test chat_train nospeech_test questions_asr_test"
     " asr_noisy_test".split()
 )
-VARIED_SHARE = 2 / 3  # of the spoken sentences (training and held-out alike), the rest from the templates
+VARIED_SHARE = 2 / 3  # of the spoken sentences (training and held-out alike), then the short ones, the rest templates
+SHORT_SHARE = 0.15  # of the spoken sentences: replies, numbers, digit strings, single words (text.short_utterances)
 QUESTIONS_TO_TRANSCRIBE = 0.25  # share of the spoken training questions also asked to be transcribed
 NO_SPEECH = "There is no speech in this recording."  # the transcript of a clip without speech
 
@@ -624,16 +628,19 @@ def _speech_rows(
     if len(varied) < varied_train + varied_test:
         raise ValueError(f"sizes: asr_train={sizes.asr_train} and asr_test={sizes.asr_test} need "
                          f"{varied_train + varied_test} varied sentences, {text.VARIED_FILE} holds {len(varied)}")
-    templated = text.sentences(sizes.asr_train - varied_train + sizes.asr_test - varied_test, seed)
+    short_train, short_test = round(SHORT_SHARE * sizes.asr_train), round(SHORT_SHARE * sizes.asr_test)
+    short = text.short_utterances(short_train + short_test, seed)
+    templated = text.sentences(sizes.asr_train - varied_train - short_train
+                               + sizes.asr_test - varied_test - short_test, seed)
     asr_train, asr_test = [], []
-    for items, test_count in ((varied[: varied_train + varied_test], varied_test),
-                              (templated, sizes.asr_test - varied_test)):
+    for items, test_count in ((varied[: varied_train + varied_test], varied_test), (short, short_test),
+                              (templated, sizes.asr_test - varied_test - short_test)):
         train, test = text.split_disjoint(items, test_count, key=lambda s: s.text.lower())
         asr_train += train
         asr_test += test
     random.Random(f"sentences:{seed}").shuffle(asr_train)
     qa_train, qa_test = text.questions(sizes.qa_train, sizes.qa_test, seed)
-    varied_texts = {s.text for s in varied}
+    kinds = {**{s.text: "short" for s in short}, **{s.text: "varied" for s in varied}}
     train_voices, test_voices = synth.voices()
     rng = random.Random(f"voices:{seed}")
     rows: dict[str, list[dict]] = {}
@@ -644,7 +651,7 @@ def _speech_rows(
             voice = rng.choices(voices, [v.weight for v in voices])[0]
             row = {"audio": f"audio/speech/{name}-{i:05d}.wav"}
             if isinstance(item, text.Sentence):
-                row.update(text=item.text, kind="varied" if item.text in varied_texts else "template")
+                row.update(text=item.text, kind=kinds.get(item.text, "template"))
             else:
                 row.update(question=item.instruction, answer=item.answer, answers=list(item.answers))
                 row.update(transcript=item.text, family=item.family)

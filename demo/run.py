@@ -129,12 +129,20 @@ def _same_recipe(name: str, overrides: list[str], folder: Path) -> None:
 
 
 def spell_digits(text: str) -> str:
-    """"23 apples" -> "twenty three apples": the demo's texts spell numbers, Whisper's decoder writes digits."""
+    """"23 apples" -> "twenty three apples": the demo's texts spell numbers, Whisper's decoder writes digits.
+    Digit strings of three or more digits, or with a leading zero, are read one digit at a time ("0427" ->
+    "zero four two seven"): the demo's codes are said that way, and its sentences say no number above 99."""
     import re
 
     from eardrum.demo.text import number_word
 
-    return re.sub(r"\d+", lambda m: number_word(int(m.group())) if int(m.group()) < 100 else m.group(), text)
+    def spell(match: re.Match) -> str:
+        digits = match.group()
+        if len(digits) > 2 or (len(digits) == 2 and digits[0] == "0"):
+            return " ".join(number_word(int(d)) for d in digits)
+        return number_word(int(digits))
+
+    return re.sub(r"\d+", spell, text)
 
 
 def demo_wer(references: list[str], hypotheses: list[str]) -> float:

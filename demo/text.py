@@ -28,6 +28,7 @@ __all__ = [
     "questions",
     "score_caption_events",
     "sentences",
+    "short_utterances",
     "sound_scenes",
     "sound_sequences",
     "split_disjoint",
@@ -178,6 +179,73 @@ def sentences(count: int, seed: int) -> list[Sentence]:
         if sentence.text not in seen:
             seen.add(sentence.text)
             out.append(sentence)
+    return out
+
+
+REPLIES = (  # short everyday replies and remarks, the way people answer rather than narrate
+    "Yes.|No.|Okay.|Thank you.|Thanks a lot.|No, thank you.|Yes, please.|Not yet.|I don't know.|Sounds good.|"
+    "See you tomorrow.|Good morning.|Good night.|Wait a minute.|That's right.|Of course.|Maybe later.|"
+    "Never mind.|Excuse me.|Come in.|Go ahead.|All done.|Almost there.|Hold on.|Try again.|Not today.|"
+    "I'm on my way.|Be right back.|Call me later.|Well done.|Watch out.|Help me.|Sit down.|Stop.|Hello.|"
+    "Goodbye.|Sorry.|Really?|Why not?|Who is it?|Where are you?|What time is it?|Let's go.|Me too.|"
+    "Happy birthday.|Good luck.|Take care.|Nice to meet you.|I agree.|I'm not sure.|Just a second.|"
+    "It's broken.|It works now.|Too late.|Right here.|Over there.|Turn left.|Turn right.|Keep going."
+).split("|")
+_SHORT_FORMS = (  # -> (text, how often): replies, numbers and digit strings, single words and short phrases
+    ("reply", 4), ("digits", 3), ("number", 2), ("word", 2), ("phrase", 3),
+)
+
+
+def _digits(rng: random.Random) -> str:
+    """2-7 digits said one by one, sometimes in groups: "four two, seven one." (the way codes are read out)."""
+    words = [_ONES[rng.randint(0, 9)] for _ in range(rng.randint(2, 7))]
+    if len(words) > 4 and rng.random() < 0.5:
+        cut = rng.randint(2, len(words) - 2)
+        return " ".join(words[:cut]).capitalize() + ", " + " ".join(words[cut:]) + "."
+    return " ".join(words).capitalize() + "."
+
+
+def _short(form: str, rng: random.Random) -> str:
+    """One short utterance of `form` (a key of `_SHORT_FORMS`)."""
+    if form == "reply":
+        return rng.choice(REPLIES)
+    if form == "digits":
+        return _digits(rng)
+    if form == "number":
+        n, many = number_word(rng.randint(0, 99)), number_word(rng.randint(2, 99))
+        return rng.choice([f"{n}.", f"{many} {rng.choice(OBJECTS)}s.", f"Number {n}.", f"About {n}."]).capitalize()
+    if form == "word":
+        pool = rng.choice([NAMES, CITIES, DAYS, MONTHS, OBJECTS, COLOURS, FOODS])
+        return rng.choice(pool).capitalize() + rng.choice([".", "?"])
+    return rng.choice([
+        f"On {rng.choice(DAYS)}.", f"At {_time(rng)}.", f"In {rng.choice(CITIES)}.", f"Ask {rng.choice(NAMES)}.",
+        f"The {rng.choice(COLOURS)} {rng.choice(OBJECTS)}.", f"{rng.choice(NAMES)}, please.",
+        f"My {rng.choice(RELATIVES)}.", f"Next {rng.choice(DAYS)}.", f"{rng.choice(DAYS)} {rng.choice(PARTS_OF_DAY)}.",
+        f"Not the {rng.choice(OBJECTS)}.", f"Two {rng.choice(FOODS)}, please.",
+    ])
+
+
+def short_utterances(count: int, seed: int) -> list[Sentence]:
+    """`count` distinct utterances of one to seven words: replies, numbers, digit strings read one by one,
+    single words and short phrases.
+
+    Real speech is full of them, and the longer sentences teach nothing about them: without short lines a
+    model hears "five five" and goes on to a sentence of its own ("Five plus five is ten.").
+
+    Raises:
+        ValueError: the forms cannot give that many distinct utterances.
+    """
+    rng, seen, out = random.Random(f"short:{seed}"), set(), []
+    forms = [form for form, weight in _SHORT_FORMS for _ in range(weight)]
+    tries = 0
+    while len(out) < count:
+        tries += 1
+        if tries > 50 * count + 1000:
+            raise ValueError(f"count={count}: the short forms gave only {len(out)} distinct utterances")
+        utterance = _short(rng.choice(forms), rng)
+        if utterance.lower() not in seen:
+            seen.add(utterance.lower())
+            out.append(Sentence(utterance))
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from eardrum.common.metrics import normalize_text
 from eardrum.common.records import DataSource, load_records
 from eardrum.demo.data import (
     ESPEAK_TEST_VOICES,
@@ -259,14 +260,29 @@ def test_a_missing_or_broken_sentence_list_is_named(tmp_path):
         varied_sentences(0, tmp_path / "gap.txt")
 
 
-def test_speech_mixes_varied_and_template_sentences_in_both_splits(built):
-    from eardrum.demo.data import VARIED_SHARE
+def test_speech_mixes_varied_short_and_template_sentences_in_both_splits(built):
+    from eardrum.demo.data import SHORT_SHARE, VARIED_SHARE
 
     for name, total in (("asr_train", SMALL.asr_train), ("asr_test", SMALL.asr_test)):
-        kinds = [r["kind"] for r in rows(built[name]) if r.get("kind") in ("varied", "template")]
+        kinds = [r["kind"] for r in rows(built[name]) if r.get("kind") in ("varied", "short", "template")]
         assert kinds.count("varied") == round(VARIED_SHARE * total) and len(kinds) == total
+        assert kinds.count("short") == round(SHORT_SHARE * total) > 0 and kinds.count("template") > 0
     shipped = {s.text for s in varied_sentences(seed=0)}
     assert all((r["text"] in shipped) == (r["kind"] == "varied") for r in rows(built["asr_test"]))
+    assert all(len(r["text"].split()) <= 7 for r in rows(built["asr_test"]) if r.get("kind") == "short")
+    train_texts = {r["text"].lower() for r in rows(built["asr_train"])}
+    assert not train_texts & {r["text"].lower() for r in rows(built["asr_test"])}
+
+
+def test_short_utterances_are_distinct_short_and_seeded():
+    from eardrum.demo.text import short_utterances
+
+    first = [s.text for s in short_utterances(200, seed=3)]
+    assert first == [s.text for s in short_utterances(200, seed=3)] != [s.text for s in short_utterances(200, seed=4)]
+    assert len({t.lower() for t in first}) == 200 and all(1 <= len(t.split()) <= 7 for t in first)
+    digits = set("zero one two three four five six seven eight nine".split())
+    said_digit_by_digit = [t for t in first if len(t.split()) >= 3 and set(normalize_text(t).split()) <= digits]
+    assert len(said_digit_by_digit) >= 20
 
 
 def test_a_second_build_does_no_work(tmp_path, animals):
