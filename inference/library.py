@@ -1,4 +1,4 @@
-"""A library of recordings: every recording cut into timestamped windows, each window's text in a full-text index.
+"""A library of recordings: every recording cut into timestamped windows, their texts in a full-text index.
 
     library = AudioLibrary("meetings.eardrum-library")
     library.index(["recordings/"], describe, describer="runs/demo/final")   # new and changed files only
@@ -10,8 +10,8 @@ known by its content hash, so a re-run skips the unchanged ones, re-indexes chan
 windows of files that are gone. A file that cannot be read is named and skipped. What a window's text is
 comes from `describe` (windows -> texts), e.g. the model's own transcript of each window. For a model that
 reads Whisper's transcript beside the audio (`transcript_hint`), each window also keeps that transcript
-(`model_hints`), so a question heard from the library does not decode it again: on a CPU that decoding
-costs more than the rest of the question's prompt.
+(`model_hints`), so a question heard from the library does not decode it again (on a CPU that decoding
+costs more than the rest of the question's prompt), and the search reads it beside the describer's text.
 
 A library outgrowing one machine moves to a server-grade engine by exporting `windows` (path, start,
 end, text) as rows: every column is plain data.
@@ -37,7 +37,8 @@ from eardrum.adapters.config import plan_windows, window_samples
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_VERSION = 3  # 2: words are stemmed (porter), so "beeping" finds "beep"; 3: each window keeps its hint
+# 2: words are stemmed (porter), so "beeping" finds "beep"; 3: each window keeps its hint; 4: the hint is searched too
+LIBRARY_VERSION = 4
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")  # what soundfile decodes
 DEFAULT_WINDOW_S = 20.0
 DEFAULT_OVERLAP_S = 5.0
@@ -63,12 +64,16 @@ CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
     start REAL NOT NULL, end REAL NOT NULL, text TEXT NOT NULL, hint TEXT);
 CREATE INDEX IF NOT EXISTS windows_by_file ON windows(file_id);
-CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, content='windows', content_rowid='id',
+"""
+# Both the describer's text and the hint are searched: a model that reads Whisper's transcript beside the audio may
+# describe a long window by its first sentence, while the hint holds every word Whisper heard in it.
+TEXT_INDEX = """
+CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, hint, content='windows', content_rowid='id',
     tokenize='porter unicode61');
 CREATE TRIGGER IF NOT EXISTS windows_added AFTER INSERT ON windows BEGIN
-    INSERT INTO windows_text(rowid, text) VALUES (new.id, new.text); END;
+    INSERT INTO windows_text(rowid, text, hint) VALUES (new.id, new.text, new.hint); END;
 CREATE TRIGGER IF NOT EXISTS windows_removed AFTER DELETE ON windows BEGIN
-    INSERT INTO windows_text(windows_text, rowid, text) VALUES ('delete', old.id, old.text); END;
+    INSERT INTO windows_text(windows_text, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint); END;
 """
 
 
@@ -286,14 +291,13 @@ class AudioLibrary:
             self.db = sqlite3.connect(self.path)
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.executescript(SCHEMA)
+            stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+            if stored.get("version") in ("2", "3"):
+                self._upgrade(stored["version"])
+                stored["version"] = str(LIBRARY_VERSION)
+            self.db.executescript(TEXT_INDEX)
         except sqlite3.DatabaseError as err:
             raise LibraryError(f"{self.path}: not an eardrum library ({err})") from None
-        stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if stored.get("version") == "2":  # the same index without stored hints: windows keep an empty hint column
-            with self.db:
-                self.db.execute("ALTER TABLE windows ADD COLUMN hint TEXT")
-                self.db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(LIBRARY_VERSION),))
-            stored["version"] = str(LIBRARY_VERSION)
         wanted = {"version": str(LIBRARY_VERSION),
                   "window_s": str(float(window_s if window_s is not None else DEFAULT_WINDOW_S)),
                   "overlap_s": str(float(overlap_s if overlap_s is not None else DEFAULT_OVERLAP_S))}
@@ -312,6 +316,17 @@ class AudioLibrary:
             raise LibraryError(f"{self.path}: library version {stored.get('version')}, this eardrum reads "
                                f"{LIBRARY_VERSION}; index the recordings into a new library")
         self.window_s, self.overlap_s = float(stored["window_s"]), float(stored["overlap_s"])
+
+    def _upgrade(self, version: str) -> None:
+        """Bring a library of `version` 2 (no hints) or 3 (hints kept, not searched) to LIBRARY_VERSION in one
+        transaction: the windows keep their texts, a v2 library's windows get an empty hint, and the full-text
+        index is rebuilt over text and hint."""
+        self.db.executescript(
+            "BEGIN;" + ("ALTER TABLE windows ADD COLUMN hint TEXT;" if version == "2" else "")
+            + "DROP TRIGGER IF EXISTS windows_added; DROP TRIGGER IF EXISTS windows_removed;"
+            "DROP TABLE IF EXISTS windows_text;" + TEXT_INDEX
+            + "INSERT INTO windows_text(windows_text) VALUES ('rebuild');"
+            f"UPDATE meta SET value = '{LIBRARY_VERSION}' WHERE key = 'version'; COMMIT;")
 
     def close(self) -> None:
         """Close the database file."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from eardrum.inference.library import AudioLibrary, LibraryError, search_terms
+from eardrum.inference.library import LIBRARY_VERSION, AudioLibrary, HintSource, LibraryError, search_terms
 
 SR = 16000
 WORDS = {440: "alarm ringing", 660: "budget approved by Maria", 880: "dog barking"}
@@ -264,17 +265,55 @@ def test_windows_keep_their_hints_and_a_library_question_does_not_decode_them_ag
     model.transcriber.forward = real
 
 
-def test_a_library_of_the_version_before_stored_hints_opens_and_searches(tmp_path, folder):
+def hints_from(word: str) -> HintSource:
+    """Hints that hold `word` for every window with a tone, and nothing the describer says."""
+    return HintSource(lambda waves: [word if np.abs(w).max() > 0.1 else "" for w in waves], "fake", 30 * SR)
+
+
+def as_older_version(path, version: str) -> None:
+    """Rewrite a library as `version` 2 (no hint column, text alone searched) or 3 (hints kept, not searched)."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "DROP TRIGGER windows_added; DROP TRIGGER windows_removed; DROP TABLE windows_text;"
+            + ("ALTER TABLE windows DROP COLUMN hint;" if version == "2" else "")
+            + "CREATE VIRTUAL TABLE windows_text USING fts5(text, content='windows', content_rowid='id', "
+            "tokenize='porter unicode61'); INSERT INTO windows_text(windows_text) VALUES ('rebuild');"
+            "CREATE TRIGGER windows_added AFTER INSERT ON windows BEGIN "
+            "INSERT INTO windows_text(rowid, text) VALUES (new.id, new.text); END;"
+            "CREATE TRIGGER windows_removed AFTER DELETE ON windows BEGIN "
+            "INSERT INTO windows_text(windows_text, rowid, text) VALUES ('delete', old.id, old.text); END;"
+            f"UPDATE meta SET value = '{version}' WHERE key = 'version';")
+
+
+def test_the_hint_is_searched_as_well_as_the_describers_text(tmp_path, folder):
+    """A describer may miss words Whisper heard (a long window told by its first sentence): a search finds the
+    window by its hint too, and a window deleted from the library leaves the index with its hint."""
     path = tmp_path / "lib.sqlite"
     with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
-        lib.index([folder], Describer(), describer="test")
-    with sqlite3.connect(path) as db:  # as version 2 wrote it: no hint column
-        db.execute("ALTER TABLE windows DROP COLUMN hint")
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
+        lib.index([folder], Describer(), describer="test", hints=hints_from("zanzibar"))
+        hits = lib.search("zanzibar", k=5)
+        assert {Path(h.path).name for h in hits} == {"meeting.wav", "street.wav"}
+        assert all("zanzibar" not in h.text and h.hint is None for h in hits)  # found by the hint alone
+        (folder / "street.wav").unlink()
+        lib.index([folder], Describer(), describer="test", hints=hints_from("zanzibar"))
+        assert {Path(h.path).name for h in lib.search("zanzibar", k=5)} == {"meeting.wav"}
+
+
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_a_library_of_an_earlier_version_opens_searches_and_indexes(tmp_path, folder, version):
+    path = tmp_path / "lib.sqlite"
+    with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
+        lib.index([folder], Describer(), describer="test", hints=hints_from("zanzibar"))
+    as_older_version(path, version)
     with AudioLibrary(path) as lib:
+        assert lib.meta("version") == str(LIBRARY_VERSION)
         hits = lib.search("budget approved by Maria", k=1, hints_for="any")
         assert hits[0].path.endswith("meeting.wav") and hits[0].hint is None
-        assert lib.meta("version") == "3"
+        found = {Path(h.path).name for h in lib.search("zanzibar", k=5)}
+        assert found == (set() if version == "2" else {"meeting.wav", "street.wav"})  # v3's hints now searched
+        recording(folder / "late.wav", 10, {2: 880})
+        lib.index([folder], Describer(), describer="test", hints=hints_from("zanzibar"))
+        assert "late.wav" in {Path(h.path).name for h in lib.search("zanzibar", k=5)}
 
 
 def test_windows_longer_than_the_models_encoder_window_keep_no_hint_and_are_asked_as_usual(tmp_path, folder):
