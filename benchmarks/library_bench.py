@@ -81,19 +81,21 @@ def cut_library(source: Path, target: Path, hours: float) -> float:
 def pad_library(source: Path, target: Path, hours: float, seed: int = 0) -> int:
     """Copy the library at `source` to `target` and add synthetic windows (texts drawn from the words of its own
     windows, an hour-long synthetic file at a time) until it holds at least `hours` of audio; returns the windows
-    added."""
+    added. A library that keeps hints gets a synthetic hint for each window too (the search reads both)."""
     shutil.copyfile(source, target)
     db = sqlite3.connect(target)
     words = " ".join(t for (t,) in db.execute("SELECT text FROM windows")).split() or ["silence"]
     have = db.execute("SELECT COALESCE(SUM(seconds), 0) FROM files").fetchone()[0] / 3600
+    hinted = db.execute("SELECT COUNT(*) FROM windows WHERE hint IS NOT NULL").fetchone()[0] > 0
     rng = random.Random(seed)
     added, per_file = 0, HOP_WINDOWS_PER_HOUR  # one synthetic hour-long file at a time
     with db:
         for n in range(math.ceil(max(0.0, hours - have))):
             file_id = db.execute("INSERT INTO files (path, sha256, seconds, indexed_at) VALUES (?, ?, ?, ?)",
                                  (f"/synthetic/hour-{n:05d}.wav", "0" * 64, 3600.0, time.time())).lastrowid
-            rows = [(file_id, 15.0 * k, 15.0 * k + 20.0, " ".join(rng.choices(words, k=45))) for k in range(per_file)]
-            db.executemany("INSERT INTO windows (file_id, start, end, text) VALUES (?, ?, ?, ?)", rows)
+            rows = [(file_id, 15.0 * k, 15.0 * k + 20.0, " ".join(rng.choices(words, k=45)),
+                     " ".join(rng.choices(words, k=45)) if hinted else None) for k in range(per_file)]
+            db.executemany("INSERT INTO windows (file_id, start, end, text, hint) VALUES (?, ?, ?, ?, ?)", rows)
             added += len(rows)
     db.close()
     return added

@@ -82,11 +82,13 @@ library_bench = importlib.import_module("benchmarks.library_bench")
 
 
 def test_library_cut_to_its_first_hours_and_padded_with_synthetic_hours(built, tmp_path):
-    from eardrum.inference.library import AudioLibrary
+    from eardrum.inference.library import AudioLibrary, HintSource
 
     out, _, rows, _ = built
+    hints = HintSource(lambda waves: ["heard words"] * len(waves), "whisper", 30 * 16000)
     with AudioLibrary(tmp_path / "lib.sqlite") as lib:
-        lib.index([out / "recordings"], lambda waves: [f"window of {len(w)} samples" for w in waves], describer="x")
+        lib.index([out / "recordings"], lambda waves: [f"window of {len(w)} samples" for w in waves], describer="x",
+                  hints=hints)
         hours = lib.stats()["hours"]
     kept = library_bench.cut_library(tmp_path / "lib.sqlite", tmp_path / "cut.sqlite", hours * 0.7)
     with AudioLibrary(tmp_path / "cut.sqlite") as cut:
@@ -96,6 +98,8 @@ def test_library_cut_to_its_first_hours_and_padded_with_synthetic_hours(built, t
         assert added == 3 * library_bench.HOP_WINDOWS_PER_HOUR and padded.stats()["hours"] == pytest.approx(
             hours + 3)
         assert padded.search("window samples", k=5)  # the synthetic windows are searchable like real ones
+        unhinted = padded.db.execute("SELECT COUNT(*) FROM windows WHERE hint IS NULL").fetchone()[0]
+        assert unhinted == 0  # and carry a hint, as the library's own windows do
     row = next(r for r in rows if r["file"])
     middle = (row["start"] + row["end"]) / 2
     assert library_bench.right_window(row, f"/elsewhere/{Path(row['file']).name}", middle - 1, middle + 1)
