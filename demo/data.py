@@ -14,12 +14,11 @@ speaker; background noise; level), held-out clips are clean. Spoken sentences ar
 both splits: everyday sentences of every shape (`kind` "varied"), short utterances (replies, numbers, digit
 strings read one by one, single words: "short") and templated sentences with names, places and counts
 ("template"). Held-out sentences and questions are strings that never occur in training. Clips without
-speech (silence, room tone, noise, sounds) teach
-and measure the answer "no speech" to a request for a transcript (`nospeech_test`; their rows say
-`"transcript": ""`: nothing is said). A quarter of the spoken training questions, and some of the
-captioned training sounds, are also asked to be transcribed, so the instruction decides whether a
-question is answered or transcribed and a sound captioned or called "no speech" (`questions_asr_test`:
-held-out spoken questions to transcribe).
+speech (silence, room tone, noise, sounds) teach and measure the answer "no speech" to a request for a
+transcript (`nospeech_test`; their rows say `"transcript": ""`: nothing is said). A quarter of the spoken
+training questions, and some of the captioned training sounds, are also asked to be transcribed, so the
+instruction decides whether a question is answered or transcribed and a sound captioned or called "no
+speech" (`questions_asr_test`: held-out spoken questions to transcribe).
 
 A build is deterministic given its seed and cached by a content key (seed, generator version, sizes,
 voices): `build_demo_data` returns at once when `<out_dir>/demo-<key>/` is already complete.
