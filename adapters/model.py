@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import use_packed_attention
 from .config import AudioLLMConfig, num_audio_tokens
 from .encoders import SpeechEncoder
 from .merge import merge_audio_tokens, text_ids_for_embedding
@@ -46,6 +47,8 @@ class AudioLLM(nn.Module):
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
+        # packed training rows attend within each example without computing the masked-away pairs
+        use_packed_attention(llm)
         self.placeholder_id = placeholder_id
         # Whisper's own decoder, when the config gives the LLM its transcripts (`transcript_hint`); it shares
         # the encoder's modules, and like them it is frozen. Set by `build_audio_llm`.

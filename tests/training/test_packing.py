@@ -86,6 +86,40 @@ def test_attention_stays_inside_each_packed_example(model_and_processor):
     assert not torch.allclose(after[0, starts[1] + 2 : starts[2]], before[0, starts[1] + 2 : starts[2]])
 
 
+def test_a_packed_row_is_attended_example_by_example_with_the_numbers_of_the_masked_row(model_and_processor,
+                                                                                      monkeypatch):
+    """The LLM runs `PACKED_SDPA`: SDPA on each example's span, no mask, never the whole row; its loss and
+    gradients are those of transformers' own SDPA over the row with the block-diagonal mask."""
+    import eardrum.adapters.attention as attention
+
+    model, processor = model_and_processor
+    packed = pack_batch(processor(conversations()))
+    lengths = [int(n) for n in processor(conversations())["attention_mask"].sum(1)]
+    assert model.llm.config._attn_implementation == attention.PACKED_SDPA
+    seen = []
+    sdpa = attention.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append((query.shape[2], mask is None))
+        return sdpa(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    loss, grads = loss_and_grads(model, dict(packed))
+    layers = model.llm.config.num_hidden_layers
+    assert seen == [(n, True) for n in lengths] * layers  # each example alone, unmasked, in every layer
+    model.llm.config._attn_implementation = "sdpa"  # transformers' own: the row with its block mask
+    try:
+        masked_loss, masked_grads = loss_and_grads(model, dict(packed))
+    finally:
+        model.llm.config._attn_implementation = attention.PACKED_SDPA
+    assert masked_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(masked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    seen.clear()
+    left_padded = torch.tensor([[1, 1, 0, 1, 2, 3]])  # generate's numbering of a left-padded row: not packed
+    assert attention.packed_spans(left_padded, 6) is None and attention.packed_spans(packed["position_ids"], 5) is None
+
+
 def test_packing_refuses_what_refers_to_rows(model_and_processor):
     _, processor = model_and_processor
     batch = processor(conversations())

@@ -1,0 +1,64 @@
+"""Attention for packed rows: each example of a packed row attends only within itself, computed per example.
+
+A packed training row (`training.collate.pack_batch`) holds several examples one after another, its
+`position_ids` restarting at 0 for each. transformers' SDPA path keeps attention inside each example with a
+block-diagonal mask over the whole row: it computes every pair of positions in the row, most of them masked
+away (a row of 8 examples computes 8x the attention it needs, and on a CPU the masked kernel is the slow
+one). `PACKED_SDPA` is SDPA that, for such a row, runs causal SDPA on each example's span instead (no mask,
+no wasted pairs), and is SDPA itself for every other input (padded batches, decoding with a cache).
+`AudioLLM` switches an SDPA LLM to it; the numbers are the same, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_SDPA = "eardrum_packed_sdpa"
+
+
+def packed_spans(position_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]] | None:
+    """The (start, end) of each example in a packed row: `position_ids` (1, T) counting 0, 1, 2, ... within each
+    example (a position that does not follow the one before it starts an example, as transformers reads
+    packing); None unless there is one row of `length` positions holding two or more examples that each start
+    at 0 (a left-padded row, whose pads generate numbers 1, is not a packed one)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] != length:
+        return None
+    row = position_ids[0]
+    starts = [0, *((row[1:] - row[:-1]) != 1).nonzero().flatten().add(1).tolist()]
+    if len(starts) < 2 or bool(row[starts].any()):
+        return None
+    return list(zip(starts, [*starts[1:], length]))
+
+
+def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query (B, H, Tq, D), key / value (B, H_kv, Tk, D) -> output
+    (B, Tq, H, D), None. A packed row without a cache (B = 1, Tq = Tk, `position_ids` restarting) is computed
+    example by example, each causal within itself; anything else goes to SDPA with its mask."""
+    spans = None
+    if query.shape[0] == 1 and query.shape[2] == key.shape[2] and not kwargs.get("sliding_window"):
+        spans = packed_spans(kwargs.get("position_ids"), query.shape[2])
+    if spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                    is_causal=True, **kwargs)[0] for a, b in spans]
+    return torch.cat(parts, dim=1), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the masks SDPA takes, for the inputs it gets
+
+
+def use_packed_attention(llm: nn.Module) -> bool:
+    """Switch an LLM (plain or peft-wrapped) that runs SDPA to `PACKED_SDPA`; True when it did. Other
+    implementations (flash attention reads packed rows itself, eager is asked for explicitly) are left alone."""
+    config = getattr(llm, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    config._attn_implementation = PACKED_SDPA
+    return True
