@@ -8,7 +8,9 @@ clipped to 5-250 (as in instruction data). One pass over the examples is one tim
   batch's text padded to its longest row;
 - eardrum: its trimmed encoder (each clip at its own length), batches planned by a token budget
   (`plan_batches(..., packed=True)`, the budget holding `batch` examples of mean length) and each batch packed
-  into one row (`training.collate.pack_batch`): no padding at all.
+  into one row (`training.collate.pack_batch`): no padding at all; its attention runs each example of a row on
+  its own span (`adapters.attention.PACKED_SDPA`), and the same pass with transformers' SDPA over the whole
+  row under a block-diagonal mask is timed beside it (`eardrum_packed_block_mask`).
 Reported per contender: examples/s, audio hours per device hour, the useful-token fraction (LLM positions that
 carry a label or audio over the positions computed) and, on CUDA, peak memory.
 
@@ -96,9 +98,19 @@ def measure(models: Models, trainers: Trainers, *, examples: int, batch: int, wa
 
     not_peer = functools.partial(private_bytes, model, trainers.optimizer)
     not_ours = functools.partial(private_bytes, trainers.peer, trainers.peer_optimizer)
+    def block_masked_pass() -> dict:
+        """eardrum's packed pass with transformers' own SDPA: the whole row under a block-diagonal mask."""
+        config = model.llm.config
+        kept, config._attn_implementation = config._attn_implementation, "sdpa"
+        try:
+            return one_pass(model, trainers.optimizer, ours_batches, not_ours)
+        finally:
+            config._attn_implementation = kept
+
     contenders = {
         "peer": lambda: one_pass(trainers.peer, trainers.peer_optimizer, peer_batches, not_peer),
         "eardrum_packed": lambda: one_pass(model, trainers.optimizer, ours_batches, not_ours),
+        "eardrum_packed_block_mask": block_masked_pass,
     }
     model.train()
     trainers.peer.train()
@@ -128,7 +140,9 @@ def measure(models: Models, trainers: Trainers, *, examples: int, batch: int, wa
                      "audio_hours_per_device_hour": audio_s / seconds,
                      "peak_memory_gib": max(peaks) / 2**30 if peaks else None, "all_pass_s": record["seconds"]}
     out["ratios"] = {"examples_per_s_eardrum_over_peer": out["eardrum_packed"]["examples_per_s"]
-                     / out["peer"]["examples_per_s"]}
+                     / out["peer"]["examples_per_s"],
+                     "examples_per_s_per_example_attention_over_block_mask": out["eardrum_packed"]["examples_per_s"]
+                     / out["eardrum_packed_block_mask"]["examples_per_s"]}
     if out["peer"]["peak_memory_gib"]:
         out["ratios"]["peak_memory_eardrum_over_peer"] = (out["eardrum_packed"]["peak_memory_gib"]
                                                           / out["peer"]["peak_memory_gib"])

@@ -78,6 +78,8 @@ def test_report_has_every_measurement_for_both_models(report):
     assert lengths["examples"] == 6 and lengths["distribution"]["clip_seconds"]["max"] == 30.0
     assert lengths["useful_token_fraction"]["eardrum_packed"] > lengths["useful_token_fraction"]["peer"]
     assert lengths["batches"]["peer"] == 3 and lengths["eardrum_packed"]["examples_per_s"] > 0
+    assert lengths["eardrum_packed_block_mask"]["examples_per_s"] > 0
+    assert lengths["ratios"]["examples_per_s_per_example_attention_over_block_mask"] > 0
 
 
 def test_realistic_lengths_are_drawn_as_stated():
