@@ -11,6 +11,8 @@ no wasted pairs), and is SDPA itself for every other input (padded batches, deco
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -34,6 +36,24 @@ def packed_spans(position_ids: torch.Tensor | None, length: int) -> list[tuple[i
     return list(zip(starts, [*starts[1:], length]))
 
 
+# the last position_ids read (a weak reference, its version and the row length) and their spans
+_last: tuple[weakref.ref, int, int, list[tuple[int, int]] | None] | None = None
+
+
+def _spans_of(position_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]] | None:
+    """`packed_spans`, read once per forward: every layer gets the same `position_ids` tensor (unchanged: same
+    version), and reading it waits for the device."""
+    global _last
+    if position_ids is None:
+        return None
+    last = _last
+    if last is not None and last[0]() is position_ids and last[1:3] == (position_ids._version, length):
+        return last[3]
+    spans = packed_spans(position_ids, length)
+    _last = (weakref.ref(position_ids), position_ids._version, length, spans)
+    return spans
+
+
 def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query (B, H, Tq, D), key / value (B, H_kv, Tk, D) -> output
@@ -41,7 +61,7 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     example by example, each causal within itself; anything else goes to SDPA with its mask."""
     spans = None
     if query.shape[0] == 1 and query.shape[2] == key.shape[2] and not kwargs.get("sliding_window"):
-        spans = packed_spans(kwargs.get("position_ids"), query.shape[2])
+        spans = _spans_of(kwargs.get("position_ids"), query.shape[2])
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
