@@ -103,10 +103,14 @@ def test_a_packed_row_is_attended_example_by_example_with_the_numbers_of_the_mas
         seen.append((query.shape[2], mask is None))
         return sdpa(module, query, key, value, mask, **kwargs)
 
+    reads = []
+    spans = attention.packed_spans
     monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(attention, "packed_spans", lambda *args: reads.append(1) or spans(*args))
     loss, grads = loss_and_grads(model, dict(packed))
     layers = model.llm.config.num_hidden_layers
-    assert seen == [(n, True) for n in lengths] * layers  # each example alone, unmasked, in every layer
+    assert layers > 1 and seen == [(n, True) for n in lengths] * layers  # each example alone, unmasked, every layer
+    assert len(reads) == 1  # the row's spans read once, not once per layer
     model.llm.config._attn_implementation = "sdpa"  # transformers' own: the row with its block mask
     try:
         masked_loss, masked_grads = loss_and_grads(model, dict(packed))
