@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fast_decode
 from .attention import use_packed_attention
 from .config import AudioLLMConfig, num_audio_tokens
 from .encoders import SpeechEncoder
@@ -220,11 +221,13 @@ class AudioLLM(nn.Module):
         Batched prompts must be left-padded (the processor does so with add_generation_prompt).
         `inputs_embeds` (B, T, D_llm), left-padded, made by `embed` earlier (with `attention_mask`), replaces
         input_ids and audio: the server continues its rows this way (`eardrum.inference.batch_engine`).
-        With `fast=True` the LLM decodes with a static KV cache (`cache_implementation="static"`),
-        whose fixed shapes let transformers compile the decoding step (torch.compile with CUDA
-        graphs) on CUDA: the first call of each batch size and length compiles (tens of seconds),
-        later ones run far fewer kernel launches per token. Elsewhere the static cache runs
-        uncompiled. The tokens are the same as without it, up to floating-point rounding.
+        With `fast=True` the LLM decodes with a static KV cache in eardrum's own loop
+        (`eardrum.adapters.fast_decode`), which reads the device back every few steps instead of every
+        step; on CUDA its step is compiled (torch.compile with CUDA graphs): the first call of each batch
+        size and length compiles (tens of seconds), later ones run far fewer kernel launches per token.
+        Arguments that loop does not take (beams, transformers' own sampling) decode in transformers'
+        `generate` with the static cache. The tokens are the same as without it, up to floating-point
+        rounding.
         """
         if fast:
             chosen = generate_kwargs.setdefault("cache_implementation", "static")
@@ -242,6 +245,8 @@ class AudioLLM(nn.Module):
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         elif embeds.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("batched generation needs left padding; build inputs with padding_side='left'")
+        if fast and fast_decode.supports(generate_kwargs):
+            return fast_decode.fast_generate(self.llm, embeds, attention_mask, **generate_kwargs)
         return self.llm.generate(
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )

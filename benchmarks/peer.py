@@ -59,9 +59,10 @@ NOTES = [
     "A training step is forward, backward and AdamW (lr 1e-5, no gradient clipping), the same for both models. "
     "The LLM's share of a step is identical for both, so the examples/s ratios are bounded by the ratio of "
     "executed FLOPs (training.flops_bound_ratios) unless one model runs its FLOPs faster.",
-    "eardrum_fast is AudioLLM.generate(fast=True): a static KV cache; on CUDA transformers compiles the decoding "
-    "step (torch.compile, CUDA graphs), so its first call per batch size compiles (first_call_s) and warm-ups "
-    "absorb it; on CPU the static cache runs uncompiled.",
+    "eardrum_fast is AudioLLM.generate(fast=True): eardrum's own loop (eardrum.adapters.fast_decode) with a static "
+    "KV cache, the host reading tokens back every 8 steps; on CUDA its step is compiled (torch.compile, CUDA "
+    "graphs), so its first call per batch size compiles (first_call_s) and warm-ups absorb it; on CPU it runs "
+    "uncompiled. Runs before this note decoded fast=True in transformers' generate.",
     "On CPU the benchmark runs one torch thread unless --threads says otherwise (see `threads`).",
     "The encoder check compares the last encoder layer plus the final LayerNorm on valid frames: the peer "
     "pools by 2 before that norm and eardrum's projector stacks after it, so later outputs differ by design.",

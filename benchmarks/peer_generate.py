@@ -8,8 +8,9 @@ after the first, over all rows, per second after the first token. min_new_tokens
 max_new_tokens, so an end-of-turn token cannot cut a run short.
 
 Contenders: the peer's `generate`; eardrum's `AudioLLM.generate` as it comes; and eardrum's
-`generate(fast=True)`: a static KV cache, with which transformers compiles the decoding step on
-CUDA (on CPU the static cache runs uncompiled, which exercises the same code path).
+`generate(fast=True)`: eardrum's own decoding loop (`eardrum.adapters.fast_decode`: a static KV cache, the
+step compiled with CUDA graphs on CUDA, the host reading tokens back every few steps; on CPU uncompiled,
+which exercises the same code path). Its streamer gets the first token at once, so TTFT means the same.
 """
 
 from __future__ import annotations

@@ -16,12 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tokenizer, tiny_llama, tiny_whisper, whisper_feature_extractor
-from eardrum.adapters.config import AudioLLMConfig
-from eardrum.adapters.encoders import AudioFeaturizer, build_speech_encoder
-from eardrum.adapters.model import AudioLLM
-from eardrum.adapters.processor import AudioProcessor
-from eardrum.adapters.projectors import ProjectorConfig, build_projector
+from conftest import build_tokenizer
 from eardrum.common.decoding import generate_kwargs
 from eardrum.common.generation import GenerationSettings, GenerationSettingsError
 
@@ -149,43 +144,7 @@ def test_checks_only_mode_runs_every_check():
 
 
 # ---------------------------------------------------------------- eardrum's fast generation path
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    tok = build_tokenizer("chatml")
-    whisper = tiny_whisper()
-    encoder = build_speech_encoder(whisper)
-    cfg = AudioLLMConfig(encoder="tiny-whisper", llm="tiny-llm", projector=ProjectorConfig(name="stack"))
-    proc = AudioProcessor(tok, AudioFeaturizer(whisper_feature_extractor(), encoder.spec), cfg)
-    llm = tiny_llama(vocab_size=len(tok))
-    model = AudioLLM(cfg, encoder, build_projector(cfg.projector, encoder.hidden_size, 48), llm, proc.placeholder_id)
-    wave = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
-    conv = [{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)}, {"type": "text", "text": "hi"}]}]
-    return model.eval(), proc([conv, conv], add_generation_prompt=True)
-
-
-def test_fast_generation_uses_a_static_cache_and_gives_the_same_tokens(tiny_model, monkeypatch):
-    model, batch = tiny_model
-    default = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    seen = {}
-    original = model.llm.generate
-
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return original(**kwargs)
-
-    monkeypatch.setattr(model.llm, "generate", spy)
-    fast = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0, fast=True)
-    assert seen["cache_implementation"] == "static"
-    assert fast.tolist() == default.tolist()
-
-
-def test_fast_generation_refuses_another_cache(tiny_model):
-    model, batch = tiny_model
-    with pytest.raises(ValueError, match="cache_implementation='static'"):
-        model.generate(**batch, max_new_tokens=2, fast=True, cache_implementation="dynamic")
-
-
+# (its loop: tests/adapters/test_fast_decode.py)
 def test_generation_settings_pass_fast_on_only_when_set():
     tok = build_tokenizer("chatml")
     assert generate_kwargs(GenerationSettings(fast=True), tok)["fast"] is True
