@@ -165,16 +165,16 @@ def _decode(llm, cache, length, inputs_embeds, attention_mask, max_new_tokens, s
     if streamer is not None:
         streamer.put(torch.empty(batch, 0, dtype=torch.long))  # generate hands over the prompt first
 
+    slots = torch.arange(length, device=device)  # the cache slots each step writes
     logits = _last_logits(llm, inputs_embeds=inputs_embeds, attention_mask=mask,
-                          **_step_kwargs(llm, cache, positions, torch.arange(prompt, device=device)))
+                          **_step_kwargs(llm, cache, positions, slots[:prompt]))
     step = _compiled_step(llm)
     host = _HostView(batch, stops, pad, criteria, streamer)
     ended_at = max_new_tokens
     for t in range(max_new_tokens):
         if t > 0:
-            slot = torch.tensor([prompt + t - 1], device=device)
-            logits = step(input_ids=tokens[:, t - 1 : t], attention_mask=mask,
-                          **_step_kwargs(llm, cache, next_position + (t - 1), slot))
+            logits = step(input_ids=tokens[:, t - 1 : t], attention_mask=mask,  # no copy from the host
+                          **_step_kwargs(llm, cache, next_position + (t - 1), slots[prompt + t - 1 : prompt + t]))
         scores = penalty(tokens[:, :t], logits) if penalty else logits  # (B, V)
         if t < min_new_tokens and stops:
             scores = scores.index_fill(1, stop_ids, float("-inf"))
