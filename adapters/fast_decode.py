@@ -25,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import LogitsProcessorList, StaticCache, StoppingCriteriaList
 from transformers.generation import RepetitionPenaltyLogitsProcessor
+
+logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # steps the device runs between two reads of the new tokens by the host
 # the static cache's length is the prompt and the answer rounded up to this, so that prompts of other lengths
@@ -74,15 +77,44 @@ def _last_logits(llm: nn.Module, **inputs) -> torch.Tensor:
     return llm(**inputs).logits[:, -1, :].float()
 
 
-def _compiled_step(llm: nn.Module) -> Callable:
-    """The decoding step for `llm`: compiled on CUDA (once per shape; kept on the module), plain elsewhere."""
+def _can_compile(llm: nn.Module) -> bool:
+    """Whether the decoding step of `llm` is compiled: on CUDA, unless its quantization cannot be compiled or
+    its weights are offloaded (the cases transformers' `generate` leaves uncompiled too)."""
+    base = _base(llm)
     if next(llm.parameters()).device.type != "cuda":
-        return functools.partial(_last_logits, llm)
-    compiled = llm.__dict__.get("_eardrum_compiled_step")
-    if compiled is None:
-        compiled = torch.compile(functools.partial(_last_logits, llm), mode="reduce-overhead", dynamic=False)
-        llm.__dict__["_eardrum_compiled_step"] = compiled  # not a submodule: no state_dict entry
-    return compiled
+        return False
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_compileable", False):
+        return False
+    placed = set(getattr(base, "hf_device_map", {}).values())
+    return not ({"cpu", "disk"} & placed and len(placed) > 1)
+
+
+class _Step:
+    """The decoding step of one LLM: `step(**inputs) -> logits (B, V)`, compiled where `_can_compile` says (once
+    per shape). A step that fails to compile is logged and runs uncompiled from then on."""
+
+    def __init__(self, llm: nn.Module) -> None:
+        self.llm = llm
+        self.compiled = (torch.compile(functools.partial(_last_logits, llm), mode="reduce-overhead", dynamic=False)
+                         if _can_compile(llm) else None)
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(**inputs)
+            except torch._dynamo.exc.TorchDynamoException as err:  # raised while compiling, before the step runs
+                logger.warning("the decoding step could not be compiled, so it runs uncompiled: %s", err)
+                self.compiled = None
+        return _last_logits(self.llm, **inputs)
+
+
+def _compiled_step(llm: nn.Module) -> _Step:
+    """The LLM's decoding step, kept on the module (not a submodule: no state_dict entry)."""
+    step = llm.__dict__.get("_eardrum_step")
+    if step is None:
+        step = llm.__dict__["_eardrum_step"] = _Step(llm)
+    return step
 
 
 @torch.no_grad()

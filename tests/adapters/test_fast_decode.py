@@ -168,3 +168,28 @@ def test_the_static_cache_is_emptied_and_reused_for_prompts_of_the_same_size(tin
     alone = model.generate(**one, max_new_tokens=6, do_sample=False, pad_token_id=0, fast=True)
     assert model.llm.__dict__["_eardrum_static_cache"][0][0] == 1
     assert alone.tolist() == model.generate(**one, max_new_tokens=6, do_sample=False, pad_token_id=0).tolist()
+
+
+def test_the_step_is_compiled_where_it_can_be_and_runs_uncompiled_when_compiling_fails(tiny, monkeypatch, caplog):
+    model, _, batch = tiny
+    plain = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    compiled = []
+
+    def compile_that_works(fn, **options):
+        compiled.append(options)
+        return fn
+
+    def compile_that_fails(fn, **options):
+        def run(**inputs):
+            raise torch._dynamo.exc.TorchDynamoException("no compiler here")
+        return run
+
+    monkeypatch.setattr(fast_decode, "_can_compile", lambda llm: True)
+    for compile_fn in (compile_that_works, compile_that_fails):
+        monkeypatch.setattr(torch, "compile", compile_fn)
+        monkeypatch.delitem(model.llm.__dict__, "_eardrum_step", raising=False)
+        fast = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0, fast=True)
+        assert fast.tolist() == plain.tolist()
+    assert compiled == [{"mode": "reduce-overhead", "dynamic": False}]
+    assert "could not be compiled" in caplog.text
+    assert model.llm.__dict__["_eardrum_step"].compiled is None  # the failed one is not tried again
