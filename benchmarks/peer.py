@@ -63,6 +63,8 @@ NOTES = [
     "KV cache, the host reading tokens back every 8 steps; on CUDA its step is compiled (torch.compile, CUDA "
     "graphs), so its first call per batch size compiles (first_call_s) and warm-ups absorb it; on CPU it runs "
     "uncompiled. Runs before this note decoded fast=True in transformers' generate.",
+    "eardrum_compiled (with --compile) is eardrum's training step with its LLM's decoder layers compiled "
+    "(train.compile: torch.compile per layer, inductor), on the same model; its first steps compile.",
     "On CPU the benchmark runs one torch thread unless --threads says otherwise (see `threads`).",
     "The encoder check compares the last encoder layer plus the final LayerNorm on valid frames: the peer "
     "pools by 2 before that norm and eardrum's projector stacks after it, so later outputs differ by design.",
@@ -90,6 +92,7 @@ class BenchSettings:
     gen_batches: tuple[int, ...] = (1, 16)
     new_tokens: int = 64  # decoded per row, exactly
     fast: bool = True  # also time eardrum's generate(fast=True)
+    compile: bool = False  # also time eardrum's training step with its decoder layers compiled (train.compile)
     fp32_checks: bool = True  # on CUDA: also run every check at the small size in float32
     seed: int = 0
 
@@ -189,7 +192,7 @@ def _generation(models: Models, settings: BenchSettings, timing: dict, bandwidth
 def _training(models: Models, settings: BenchSettings, timing: dict, peak_flops: float | None) -> dict:
     trainers = peer_train.prepare(models, settings.lora_r)
     train_settings = dict(timing, batch=settings.train_batch, seconds=settings.train_seconds)
-    train_settings.update(answer_tokens=settings.answer_tokens, r=settings.lora_r)
+    train_settings.update(answer_tokens=settings.answer_tokens, r=settings.lora_r, compile=settings.compile)
     return {
         "trainable_parameters": peer_train.trainable_counts(models),
         "check": peer_train.check(models, trainers, settings.seed),
@@ -247,11 +250,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, argparse.N
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's on CUDA)")
     parser.add_argument("--quick", action="store_true", help="one timed round, fewer warm-ups: for smoke tests")
     parser.add_argument("--no-fast", action="store_true", help="skip eardrum's generate(fast=True)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time eardrum's training step with its decoder layers compiled (train.compile)")
     parser.add_argument("--new-tokens", type=int, help="tokens decoded per row (default 64 on CUDA, 16 on CPU)")
     parser.add_argument("--dry-run", action="store_true", help="shapes, parameter and FLOP counts on the meta device")
     args = parser.parse_args(argv)
     settings = default_settings(args.device, args.size, args.quick)
-    changes = {"fast": not args.no_fast}
+    changes = {"fast": not args.no_fast, "compile": args.compile}
     if args.threads:
         changes["threads"] = args.threads
     if args.new_tokens:

@@ -13,6 +13,7 @@ as a first epoch would) and moves them to the device inside the timed step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import nn
 
 from eardrum.adapters.model import labelled_positions
 from eardrum.training.cache import FeatureCache, encode_windows, encoder_fingerprint, precompute
+from eardrum.training.compiling import compile_decoder_layers, uncompiled
 from eardrum.training.lora import apply_llm_lora, freeze_for_training
 from eardrum.training.recipe import LoraSettings
 
@@ -112,7 +114,9 @@ def _step(loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, me
 
 
 def measure(models: Models, trainers: Trainers, settings: dict, peak_flops: float | None) -> dict:
-    """Timed steps of the three contenders; `settings` holds batch, seconds, answer_tokens, r, warmup, repeats, seed."""
+    """Timed steps of the contenders (the peer, eardrum, eardrum with its feature cache, and with `compile` in
+    `settings` eardrum with its decoder layers compiled, `train.compile`); `settings` holds batch, seconds,
+    answer_tokens, r, warmup, repeats, seed and optionally compile."""
     dev, model = models.device, models.model
     ours, windows, peer = _batches(
         models, settings["batch"], settings["seconds"], settings["answer_tokens"], settings["seed"]
@@ -131,14 +135,27 @@ def measure(models: Models, trainers: Trainers, settings: dict, peak_flops: floa
     # each model's peak, less what only the other model holds (see PeakMemory)
     not_peer = functools.partial(private_bytes, model, trainers.optimizer)
     not_ours = functools.partial(private_bytes, trainers.peer, trainers.peer_optimizer)
+    compiled = bool(settings.get("compile"))
+    if compiled:  # train.compile: the same model's decoder layers compiled; the other contenders run them plain
+        compile_decoder_layers(model.llm)
+    plain = (lambda: uncompiled(model.llm)) if compiled else contextlib.nullcontext
+
+    def eardrum_step(inputs: Callable[[], dict]) -> dict:
+        return _step(lambda: model(**inputs(), labelled_logits_only=True).loss, trainers.optimizer,
+                     PeakMemory(dev, not_ours))
+
+    def plain_step(inputs: Callable[[], dict]) -> dict:
+        with plain():
+            return eardrum_step(inputs)
+
     contenders = {
         "peer": lambda: _step(lambda: trainers.peer(**peer).loss, trainers.peer_optimizer, PeakMemory(dev, not_peer)),
         # eardrum's step as its trainer runs it: logits (and the loss) only where a label is predicted
-        "eardrum": lambda: _step(lambda: model(**ours, labelled_logits_only=True).loss, trainers.optimizer,
-                                 PeakMemory(dev, not_ours)),
-        "eardrum_cached": lambda: _step(lambda: model(**cached(), labelled_logits_only=True).loss, trainers.optimizer,
-                                        PeakMemory(dev, not_ours)),
+        "eardrum": lambda: plain_step(lambda: ours),
+        "eardrum_cached": lambda: plain_step(cached),
     }
+    if compiled:
+        contenders["eardrum_compiled"] = lambda: eardrum_step(lambda: ours)
     model.train()
     trainers.peer.train()
     try:
@@ -161,6 +178,7 @@ def _report(models: Models, settings: dict, ours: dict, runs: dict, cache_second
         "eardrum": train_step_flops(models.size, projector="stack2", encoder_frames=clip_frames, **common),
         "eardrum_cached": train_step_flops(models.size, projector="stack2", encoder_frames=None, **common),
     }
+    useful["eardrum_compiled"] = useful["eardrum"]
     padded = PEER_MEL_FRAMES // 2  # the peer encodes 30 s whatever the clip
     executed = dict(useful, peer=train_step_flops(models.size, projector="linear", encoder_frames=padded,
                                                   **dict(common, head_rows=None)))  # the peer's logits everywhere
@@ -188,12 +206,11 @@ def _report(models: Models, settings: dict, ours: dict, runs: dict, cache_second
     peer = out["peer"]
     # The ratio of executed FLOPs: the examples/s ratio if both models ran at the same FLOP/s. The LLM's
     # share of a step is the same for both, so this bounds what trimming or caching the encoder can give.
-    out["flops_bound_ratios"] = {
-        f"{n}_over_peer": executed["peer"] / executed[n] for n in ("eardrum", "eardrum_cached")
-    }
+    ours_names = [n for n in ("eardrum", "eardrum_cached", "eardrum_compiled") if n in runs]
+    out["flops_bound_ratios"] = {f"{n}_over_peer": executed["peer"] / executed[n] for n in ours_names}
     out["ratios"] = {
         f"{metric}_{name}_over_peer": out[name][metric] / peer[metric]
-        for name in ("eardrum", "eardrum_cached")
+        for name in ours_names
         for metric in ("examples_per_s", "peak_memory_gib")
         if peer[metric]
     }

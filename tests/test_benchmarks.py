@@ -97,3 +97,28 @@ def test_serve_batching_runs_both_modes_on_the_same_requests_with_the_same_answe
     assert all(len(runs) == 1 and runs[0]["completion_tokens"] == report["workload"]["completion_tokens"]
                for runs in report["runs"].values())
     assert set(report["ratio_continuous_over_static"]) == {"tokens_per_s", "latency_p50", "latency_p99"}
+
+
+def test_compile_step_benchmark_times_both_variants_on_the_same_batches(tmp_path, monkeypatch):
+    import importlib
+
+    import torch
+
+    from eardrum.adapters.checkpoint import build_audio_llm
+    from eardrum.adapters.config import AudioLLMConfig
+    from eardrum.training import compiling
+
+    torch.manual_seed(0)
+    model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
+    model.save_pretrained(tmp_path / "model", processor)
+    out = tmp_path / "out.json"
+    manifest = BENCH.parent / "tests" / "assets" / "tiny_data" / "qa.jsonl"
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # tracing only: inductor's code generation takes a minute
+    monkeypatch.setattr(sys, "argv", ["compile_step", str(tmp_path / "model"), str(manifest), "--lora", "--batch",
+                                      "2", "--batches", "2", "--repeats", "1", "--out", str(out)])
+    torch._dynamo.reset()
+    importlib.import_module("benchmarks.compile_step").main()
+    report = json.loads(out.read_text())
+    assert len(report["batch_shapes"]) == 2 and report["batch_shapes"][0] != report["batch_shapes"][1]
+    assert {len(t) for t in report["all_seconds"].values()} == {2}
+    assert report["max_loss_difference"] < 1e-5 and report["speedup_compiled_over_plain"] > 0

@@ -160,3 +160,21 @@ def test_the_lm_head_is_counted_on_the_rows_it_runs_on():
     assert flops.llm_train_flops(size, 8, 380, 16, head_rows=8 * 380) == full
     assert full - flops.llm_train_flops(size, 8, 380, 16, head_rows=8 * 101) == 4 * 8 * (380 - 101) * (
         size.vocab * size.llm_hidden)
+
+
+def test_the_compile_switch_times_eardrums_step_with_compiled_layers_beside_the_plain_one(monkeypatch):
+    from eardrum.training import compiling
+
+    peer_train = importlib.import_module("benchmarks.peer_train")
+    assert peer.parse_args(["--compile"])[0].compile is True and peer.parse_args([])[0].compile is False
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # tracing only: inductor's code generation takes a minute
+    torch._dynamo.reset()
+    models = peer_models.build_models(peer_models.SIZES["tiny"], torch.device("cpu"), torch.float32, 0)
+    trainers = peer_train.prepare(models, 4)
+    settings = dict(batch=2, seconds=2.0, answer_tokens=6, r=4, warmup=1, repeats=1, seed=0, compile=True)
+    t = peer_train.measure(models, trainers, settings, None)
+    assert {"peer", "eardrum", "eardrum_cached", "eardrum_compiled"} <= set(t)
+    assert t["eardrum_compiled"]["model_flops_per_step"] == t["eardrum"]["model_flops_per_step"]
+    assert "examples_per_s_eardrum_compiled_over_peer" in t["ratios"]
+    layers = compiling.decoder_layers(models.model.llm)
+    assert all(layer._compiled_call_impl is not None for layer in layers)  # compiled, and left so after the plain

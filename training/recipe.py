@@ -81,6 +81,7 @@ class TrainSettings:
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU) | auto: bf16 where it is fast, else no
     quantization: str | None = None  # null | 4bit | 8bit: load the LLM quantized (QLoRA)
     gradient_checkpointing: bool = False
+    compile: bool = False  # compile the LLM's decoder layers, one at a time (training/compiling.py)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps between evaluations; null = at the end only
     save_every: int | None = None  # optimizer steps between checkpoints; null = at the end only
@@ -238,6 +239,9 @@ def _check(recipe: Recipe) -> list[str]:
         out.append("data.packing: packed rows cannot carry the text teacher; set distill.kl_weight: 0 or packing off")
     if d.packing and t.ctc_weight > 0:
         out.append("data.packing: packed rows cannot carry the CTC targets; set train.ctc_weight: 0 or packing off")
+    if t.compile and t.quantization:
+        out.append("train.compile: bitsandbytes' quantized layers do not compile; set train.compile: false or "
+                   "train.quantization: null")
     for name in ("shuffle_buffer", "group_buffer"):
         if getattr(d, name) < 1:
             out.append(f"data.{name}: expected >= 1, got {getattr(d, name)}")

@@ -39,6 +39,7 @@ from eardrum.common.records import (
 )
 
 from .collate import Collator, model_inputs
+from .compiling import compile_decoder_layers
 from .distill import teacher_kl
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
@@ -156,6 +157,8 @@ def _build_model(recipe: Recipe, device: torch.device):
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.enable_input_require_grads()
     freeze_for_training(model)
+    if t.compile:
+        compile_decoder_layers(model.llm)
     return model, processor
 
 

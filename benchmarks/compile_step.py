@@ -1,0 +1,98 @@
+"""A training step with the LLM's decoder layers compiled (`train.compile`) against the same step uncompiled.
+
+Loads a saved model (for the demo's numbers: a stage-1 checkpoint of `eardrum demo`, real SmolLM2-135M),
+optionally adds LoRA, freezes what the trainer freezes, collates several batches of a manifest (their lengths
+differ, as a run's do) and times forward + backward with labelled-only logits, compiled and uncompiled in turn
+on the same model, in one process. Every batch runs once in each variant before the timing (the compiled
+layers compile there: the time is reported), then rounds alternate; medians per step. The losses of the two
+variants are compared too.
+
+    python -m benchmarks.compile_step runs/demo/stage1/final DEMO_DATA/asr_train.jsonl --lora --out compile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eardrum.adapters.checkpoint import load_pretrained
+from eardrum.common.records import DEFAULT_PROMPTS, DataSource, load_records
+from eardrum.training.collate import Collator
+from eardrum.training.compiling import compile_decoder_layers, uncompiled
+from eardrum.training.lora import apply_llm_lora, freeze_for_training
+from eardrum.training.recipe import LoraSettings
+
+from .report_io import emit, machine
+
+
+def step(model, batch: dict) -> tuple[float, float]:
+    """One forward + backward; (seconds, loss)."""
+    start = time.perf_counter()
+    loss = model(**batch, labelled_logits_only=True).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, loss.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a saved eardrum model directory")
+    parser.add_argument("manifest", help="a JSONL manifest; its records form the batches")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=3, help="distinct batches (their lengths differ)")
+    parser.add_argument("--lora", action="store_true", help="LoRA r=8 on the LLM, as in the demo's stage 2")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds over every batch")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, processor = load_pretrained(args.model)
+    if args.lora:
+        apply_llm_lora(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.0), quantized=False,
+                       gradient_checkpointing=False)
+    freeze_for_training(model)
+    model.train()
+    records, problems = load_records([DataSource(path=args.manifest)])
+    if problems:
+        raise SystemExit(f"{args.manifest}: {problems[:3]}")
+    collate = Collator(processor, records, DEFAULT_PROMPTS, 0)
+    batches = []
+    for b in range(args.batches):
+        indices = list(range(b * args.batch, min((b + 1) * args.batch, len(records))))
+        batches.append({k: v for k, v in collate(indices).items() if isinstance(v, torch.Tensor)})
+    compile_decoder_layers(model.llm)
+    first = {"plain": [], "compiled": []}
+    losses = {"plain": [], "compiled": []}
+    for batch in batches:  # warm-up: the compiled layers compile here
+        with uncompiled(model.llm):
+            seconds, loss = step(model, batch)
+        first["plain"].append(seconds)
+        losses["plain"].append(loss)
+        seconds, loss = step(model, batch)
+        first["compiled"].append(seconds)
+        losses["compiled"].append(loss)
+    times = {"plain": [], "compiled": []}
+    for _ in range(args.repeats):
+        for batch in batches:
+            with uncompiled(model.llm):
+                times["plain"].append(step(model, batch)[0])
+            times["compiled"].append(step(model, batch)[0])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    report = {
+        "machine": machine(), "threads": args.threads, "model": args.model, "manifest": args.manifest,
+        "lora": args.lora, "batch_shapes": [list(b["input_ids"].shape) for b in batches],
+        "seconds_per_step_median": median, "speedup_compiled_over_plain": median["plain"] / median["compiled"],
+        "first_pass_seconds": first, "all_seconds": times,
+        "loss": losses, "max_loss_difference": max(abs(a - b) for a, b in zip(losses["plain"], losses["compiled"])),
+        "command": "python -m benchmarks.compile_step " + " ".join(sys.argv[1:]),
+    }
+    emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`train.compile`: the LLM's decoder layers compiled one at a time give the loss and gradients of the plain
+model, padded and packed, keep the checkpoint's names, and a recipe with it trains. Traced with torch.compile's
+"eager" backend (what is compiled, and that it computes the same; the code generation itself is torch's)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eardrum.adapters.checkpoint import build_audio_llm
+from eardrum.adapters.config import AudioLLMConfig, ConfigError
+from eardrum.training import compiling
+from eardrum.training.collate import pack_batch
+from eardrum.training.lora import apply_llm_lora
+from eardrum.training.recipe import LoraSettings
+from eardrum.training.trainer import train
+
+
+def _model():
+    torch.manual_seed(0)
+    model, processor = build_audio_llm(AudioLLMConfig(encoder="tiny:whisper", llm="tiny:llama"))
+    apply_llm_lora(model, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0), quantized=False,
+                   gradient_checkpointing=False)
+    with torch.no_grad():  # LoRA's B starts at zero: give it weights so that its gradient path is exercised
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model.float().train(), processor
+
+
+def _batch(processor, packed: bool) -> dict:
+    rng = np.random.default_rng(0)
+    convs = []
+    for seconds, answer in ((0.6, "a short tone"), (1.7, "two beeps, then a longer tone"), (1.1, "three")):
+        wave = (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+        convs.append([{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)},
+                                                   {"type": "text", "text": "what is it?"}]},
+                      {"role": "assistant", "content": answer}])
+    batch = processor(convs)
+    return pack_batch(batch) if packed else batch
+
+
+def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, labelled_logits_only=True).loss
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_layers_give_the_loss_and_gradients_of_the_plain_model(packed):
+    model, processor = _model()
+    batch = _batch(processor, packed)
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    names = list(model.state_dict())
+    torch._dynamo.reset()
+    assert compiling.compile_decoder_layers(model.llm, backend="eager") == len(compiling.decoder_layers(model.llm)) > 0
+    assert all(layer._compiled_call_impl is not None for layer in compiling.decoder_layers(model.llm))
+    loss, grads = _loss_and_grads(model, batch)
+    assert list(model.state_dict()) == names  # a checkpoint of the compiled model is the same checkpoint
+    assert loss == pytest.approx(plain_loss, rel=1e-6) and grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_model_without_decoder_layers_is_named():
+    with pytest.raises(ValueError, match="train.compile: found no decoder layers in Sequential"):
+        compiling.decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_compiled_recipe_trains_and_refuses_quantization(tmp_path, monkeypatch):
+    from test_trainer import tiny  # the tiny recipe of the training tests, beside this file
+
+    compiled = []
+    compile_layers = compiling.compile_decoder_layers
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    monkeypatch.setattr("eardrum.training.trainer.compile_decoder_layers",
+                        lambda llm: compiled.append(compile_layers(llm)) or compiled[-1])
+    torch._dynamo.reset()
+    result = train(tiny(tmp_path, "train.compile=true", "train.max_steps=3", "train.save_every=null", "data.eval=[]"))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert compiled and compiled[0] > 0 and result["steps"] == 3 and all(np.isfinite(losses))
+    with pytest.raises(ConfigError, match="train.compile: bitsandbytes' quantized layers do not compile"):
+        tiny(tmp_path, "train.compile=true", "train.quantization=4bit")
