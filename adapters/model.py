@@ -156,6 +156,9 @@ class AudioLLM(nn.Module):
         if labels is not None and bool((labels == self.placeholder_id).any()):
             raise ValueError("labels contain the audio placeholder id; audio positions must be -100")
         embeds = self.embed(input_ids, audio_features, audio_lengths, audio_frames, frame_lengths)
+        # a whole sequence at once: no KV cache (transformers would otherwise copy every layer's keys and values
+        # into one, in training too)
+        llm_kwargs.setdefault("use_cache", False)
         output = self._lm_forward(embeds, attention_mask, labels, labelled_logits_only, **llm_kwargs)
         if ctc is not None:
             output["ctc_loss"] = self.ctc_loss(embeds, input_ids == self.placeholder_id, ctc)

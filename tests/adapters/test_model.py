@@ -99,6 +99,15 @@ def test_loss_is_cross_entropy_on_labelled_tokens_only(tiny):
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
 
 
+def test_a_forward_over_whole_sequences_keeps_no_kv_cache(tiny):
+    """transformers' LLMs build a KV cache by default, in training too: a copy of every layer's keys and values."""
+    model, proc = tiny
+    batch = proc([conv(0.5), conv(0.9, answer="one two three", seed=3)])
+    out = model(**batch)
+    assert out.get("past_key_values") is None and out.get("cache") is None
+    assert model(**batch, use_cache=True).get("past_key_values") is not None  # asked for, it is there
+
+
 @pytest.mark.parametrize("llm", ["llama", "qwen2_lora"])
 def test_labelled_logits_only_gives_the_same_loss_and_gradients(llm):
     from peft import LoraConfig, get_peft_model
