@@ -39,7 +39,7 @@ from eardrum.common.records import (
 )
 
 from .collate import Collator, model_inputs
-from .compiling import compile_decoder_layers
+from .compiling import compile_decoder_layers, uncompiled
 from .distill import teacher_kl
 from .evaluate import evaluate
 from .lora import apply_encoder_lora, apply_llm_lora, freeze_for_training, parameter_report
@@ -535,7 +535,9 @@ class BadExamples:
 def _evaluate(core, processor, records, recipe, prompts, cache, metrics, step, acc) -> dict:
     result = {}
     if acc.is_main_process:
-        result = evaluate(core, processor, records, recipe, prompts, cache)
+        # decoding grows its KV cache token by token: compiled layers would recompile at every new length
+        with uncompiled(core.llm) if recipe.train.compile else contextlib.nullcontext():
+            result = evaluate(core, processor, records, recipe, prompts, cache)
         metrics.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
     acc.wait_for_everyone()
     return result

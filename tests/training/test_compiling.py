@@ -81,9 +81,14 @@ def test_a_compiled_recipe_trains_and_refuses_quantization(tmp_path, monkeypatch
     monkeypatch.setattr("eardrum.training.trainer.compile_decoder_layers",
                         lambda llm: compiled.append(compile_layers(llm)) or compiled[-1])
     torch._dynamo.reset()
-    result = train(tiny(tmp_path, "train.compile=true", "train.max_steps=3", "train.save_every=null", "data.eval=[]"))
+    plain_calls = []
+    plain = compiling.uncompiled
+    monkeypatch.setattr("eardrum.training.trainer.uncompiled", lambda llm: plain_calls.append(1) or plain(llm))
+    result = train(tiny(tmp_path, "train.compile=true", "train.max_steps=3", "train.save_every=null",
+                        "train.eval_generate_limit=2"))
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in x]
     assert compiled and compiled[0] > 0 and result["steps"] == 3 and all(np.isfinite(losses))
+    assert plain_calls and "loss" in result["eval"]  # the evaluation decodes with the layers uncompiled
     with pytest.raises(ConfigError, match="train.compile: bitsandbytes' quantized layers do not compile"):
         tiny(tmp_path, "train.compile=true", "train.quantization=4bit")
