@@ -56,6 +56,8 @@ NOTES = [
     "eardrum's timed training steps run as its trainer runs them (labelled_logits_only): the LM head and the "
     "float32 loss only at the positions that predict a labelled token; the peer computes every position's logits. "
     "Runs before this note timed eardrum with logits at every position, upcast to float32 for the loss.",
+    "Runs before this note let transformers build a KV cache in eardrum's training forward (a copy of every "
+    "layer's keys and values); eardrum's forward now passes use_cache=False. The peer's forward builds one.",
     "A training step is forward, backward and AdamW (lr 1e-5, no gradient clipping), the same for both models. "
     "The LLM's share of a step is identical for both, so the examples/s ratios are bounded by the ratio of "
     "executed FLOPs (training.flops_bound_ratios) unless one model runs its FLOPs faster.",
