@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import threading
 from collections.abc import Sequence
@@ -33,6 +32,8 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, StaticCache, StoppingCriteriaList
 from transformers.generation import RepetitionPenaltyLogitsProcessor
+
+from .model import cache_argument, forward_parameters, takes_logits_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +57,18 @@ def _base(llm: nn.Module) -> nn.Module:
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
-@functools.cache
-def _forward_parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
+class _StepArguments:
+    """The cache, position and slot arguments this transformers version's causal LM takes, worked out once per
+    decoding: `args(positions, slots) -> dict`."""
 
+    def __init__(self, llm: nn.Module, cache: StaticCache) -> None:
+        self.fixed = {cache_argument(llm): cache, "use_cache": True}
+        if takes_logits_to_keep(llm):
+            self.fixed["logits_to_keep"] = 1
+        self.slots = "cache_position" in forward_parameters(llm)  # older transformers: the slots written are given
 
-def _step_kwargs(llm: nn.Module, cache: StaticCache, positions: torch.Tensor, slots: torch.Tensor) -> dict:
-    """The cache, position and slot arguments this transformers version's causal LM takes."""
-    takes = _forward_parameters(type(_base(llm)))
-    kwargs = {"cache" if "cache" in takes else "past_key_values": cache, "position_ids": positions, "use_cache": True}
-    if "cache_position" in takes:  # older transformers: the cache slots written are given
-        kwargs["cache_position"] = slots
-    if "logits_to_keep" in takes:
-        kwargs["logits_to_keep"] = 1
-    return kwargs
+    def __call__(self, positions: torch.Tensor, slots: torch.Tensor) -> dict:
+        return {**self.fixed, "position_ids": positions, **({"cache_position": slots} if self.slots else {})}
 
 
 def _last_logits(llm: nn.Module, **inputs) -> torch.Tensor:
@@ -162,10 +161,7 @@ def fast_generate(
 @contextlib.contextmanager
 def _decoding(llm: nn.Module):
     """One fast decoding at a time per LLM: they share its static cache."""
-    lock = llm.__dict__.get("_eardrum_decode_lock")
-    if lock is None:
-        lock = llm.__dict__.setdefault("_eardrum_decode_lock", threading.Lock())
-    with lock:
+    with llm.__dict__.setdefault("_eardrum_decode_lock", threading.Lock()):
         yield
 
 
@@ -198,15 +194,15 @@ def _decode(llm, cache, length, inputs_embeds, attention_mask, max_new_tokens, s
         streamer.put(torch.empty(batch, 0, dtype=torch.long))  # generate hands over the prompt first
 
     slots = torch.arange(length, device=device)  # the cache slots each step writes
-    logits = _last_logits(llm, inputs_embeds=inputs_embeds, attention_mask=mask,
-                          **_step_kwargs(llm, cache, positions, slots[:prompt]))
+    arguments = _StepArguments(llm, cache)
+    logits = _last_logits(llm, inputs_embeds=inputs_embeds, attention_mask=mask, **arguments(positions, slots[:prompt]))
     step = _compiled_step(llm)
     host = _HostView(batch, stops, pad, criteria, streamer)
     ended_at = max_new_tokens
     for t in range(max_new_tokens):
         if t > 0:
             logits = step(input_ids=tokens[:, t - 1 : t], attention_mask=mask,  # no copy from the host
-                          **_step_kwargs(llm, cache, next_position + (t - 1), slots[prompt + t - 1 : prompt + t]))
+                          **arguments(next_position + (t - 1), slots[prompt + t - 1 : prompt + t]))
         scores = penalty(tokens[:, :t], logits) if penalty else logits  # (B, V)
         if t < min_new_tokens and stops:
             scores = scores.index_fill(1, stop_ids, float("-inf"))

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fast_decode
 from .attention import use_packed_attention
 from .config import AudioLLMConfig, num_audio_tokens
 from .encoders import SpeechEncoder
@@ -248,8 +247,11 @@ class AudioLLM(nn.Module):
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         elif embeds.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("batched generation needs left padding; build inputs with padding_side='left'")
-        if fast and fast_decode.supports(generate_kwargs):
-            return fast_decode.fast_generate(self.llm, embeds, attention_mask, **generate_kwargs)
+        if fast:
+            from . import fast_decode  # it builds on this module's helpers
+
+            if fast_decode.supports(generate_kwargs):
+                return fast_decode.fast_generate(self.llm, embeds, attention_mask, **generate_kwargs)
         return self.llm.generate(
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )
@@ -313,24 +315,24 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
 
 
-def takes_logits_to_keep(llm: nn.Module) -> bool:
-    """Whether the causal LM under any peft wrapper accepts transformers' `logits_to_keep` argument."""
+def forward_parameters(llm: nn.Module) -> frozenset[str]:
+    """The argument names of the forward of the causal LM under any peft wrapper (they differ by transformers
+    version)."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return _forward_takes_logits_to_keep(type(base))
+    return _forward_parameters(type(base))
 
 
 @functools.cache
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def takes_logits_to_keep(llm: nn.Module) -> bool:
+    """Whether the causal LM under any peft wrapper accepts transformers' `logits_to_keep` argument."""
+    return "logits_to_keep" in forward_parameters(llm)
 
 
 def cache_argument(llm: nn.Module) -> str:
     """The name under which the causal LM under any peft wrapper takes its KV cache: `cache` in newer
     transformers, `past_key_values` before."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return _cache_argument(type(base))
-
-
-@functools.cache
-def _cache_argument(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_parameters(llm) else "past_key_values"

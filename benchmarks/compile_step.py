@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
-from eardrum.adapters.checkpoint import load_pretrained
-from eardrum.common.records import DEFAULT_PROMPTS, DataSource, load_records
+from eardrum.common.records import DEFAULT_PROMPTS
 from eardrum.training.collate import Collator
 from eardrum.training.compiling import compile_decoder_layers, uncompiled
-from eardrum.training.lora import apply_llm_lora, freeze_for_training
-from eardrum.training.recipe import LoraSettings
 
+from .precision_step import step_model
 from .report_io import emit, machine
 
 
@@ -51,15 +49,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, processor = load_pretrained(args.model)
-    if args.lora:
-        apply_llm_lora(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.0), quantized=False,
-                       gradient_checkpointing=False)
-    freeze_for_training(model)
+    model, processor, records = step_model(args.model, args.manifest, args.lora)
     model.train()
-    records, problems = load_records([DataSource(path=args.manifest)])
-    if problems:
-        raise SystemExit(f"{args.manifest}: {problems[:3]}")
     collate = Collator(processor, records, DEFAULT_PROMPTS, 0)
     batches = []
     for b in range(args.batches):

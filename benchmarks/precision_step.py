@@ -33,6 +33,20 @@ VARIANTS = {  # name -> (bf16 autocast, labelled_logits_only)
 }
 
 
+def step_model(model_dir: str, manifest: str, lora: bool) -> tuple:
+    """(model, processor, records) for timing training steps: the saved model, with LoRA r=8 on its LLM when
+    `lora` (as the demo's stage 2), frozen as the trainer freezes it, and the records of `manifest`."""
+    model, processor = load_pretrained(model_dir)
+    if lora:
+        apply_llm_lora(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.0), quantized=False,
+                       gradient_checkpointing=False)
+    freeze_for_training(model)  # as the trainer: the projector trains, the LLM only through LoRA
+    records, problems = load_records([DataSource(path=manifest)])
+    if problems:
+        raise SystemExit(f"{manifest}: {problems[:3]}")
+    return model, processor, records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved eardrum model directory")
@@ -44,14 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default="precision_step.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, processor = load_pretrained(args.model)
-    if args.lora:
-        apply_llm_lora(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.0), quantized=False,
-                       gradient_checkpointing=False)
-    freeze_for_training(model)  # as the trainer: the projector trains, the LLM only through LoRA
-    records, problems = load_records([DataSource(path=args.manifest)])
-    if problems:
-        raise SystemExit(f"{args.manifest}: {problems[:3]}")
+    model, processor, records = step_model(args.model, args.manifest, args.lora)
     batch = Collator(processor, records, DEFAULT_PROMPTS, 0)(list(range(min(args.batch, len(records)))))
     batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     times, losses = {name: [] for name in VARIANTS}, {}
