@@ -32,6 +32,10 @@ EVAL_BATCH_SIZE = 32  # prompts per generate call when the demo evaluates (large
 # (hinted recipes): about 1 word in 4, i.e. one slip in a short sentence. A hint and a target far apart teach
 # the LLM to rewrite the hint from the audio tokens, which on unheard voices it does worse than Whisper.
 HINT_MAX_WER = 0.25
+# ... and their targets are Whisper's transcripts themselves (the hint the model reads), not the true text: the
+# LLM learns to copy the hint. Trained on the true text, it learnt to rewrite the hint from its audio tokens, which
+# on real people's speech paraphrased (1.81x Whisper's WER, demo-v10-seed0-epyc.json) where the hint was right.
+HINT_TARGETS = True
 LANGUAGE = "en"  # the demo's speech: a multilingual Whisper (base) transcribes it as English, never guesses
 
 
@@ -185,9 +189,10 @@ def cascade_manifest(whisper, manifest: Path, out: Path) -> Path:
     return out
 
 
-def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: Path, say) -> Path:
+def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: Path, say) -> tuple[Path, dict]:
     """`out`: the transcription lines of `manifest` whose text Whisper's own transcript comes within
-    HINT_MAX_WER of (training.distill.filter_by_hint), clips without speech all kept."""
+    HINT_MAX_WER of (training.distill.filter_by_hint), with that transcript as their target where HINT_TARGETS,
+    clips without speech all kept. Returns `out` and what was kept ({"max_wer", "targets", "lines", "kept", ...})."""
     from eardrum.adapters.sources import load_speech_model
     from eardrum.adapters.transcribe import build_transcriber
     from eardrum.training.distill import filter_by_hint
@@ -198,11 +203,12 @@ def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: 
     transcriber = build_transcriber(*load_speech_model(str(whisper_source)), language=LANGUAGE,
                                     no_speech_threshold=gate)
     prepare_transcriber(transcriber, features, "auto")  # the same transcripts the trainer reads
-    summary = filter_by_hint(transcriber, manifest, out, max_wer=HINT_MAX_WER, normalise=spell_digits)
+    summary = filter_by_hint(transcriber, manifest, out, max_wer=HINT_MAX_WER, normalise=spell_digits,
+                             hint_targets=HINT_TARGETS)
     say(f"transcription lines whose Whisper transcript is within {HINT_MAX_WER:.0%} WER of the text: "
         f"{summary['kept'] - summary['unchecked']} of {summary['lines'] - summary['unchecked']} kept "
-        f"(+ {summary['unchecked']} without speech)")
-    return out
+        f"(+ {summary['unchecked']} without speech)" + (", Whisper's transcript as the target" if HINT_TARGETS else ""))
+    return out, {"max_wer": HINT_MAX_WER, "targets": "hint" if HINT_TARGETS else "text", **summary}
 
 
 def _whisper_of(loaded: tuple, source: Path):
@@ -367,9 +373,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     if whisper != "tiny.en":  # a multilingual Whisper: its transcript hints in the demo's language
         common.append(f"model.transcript_language={LANGUAGE}")
     steps = ["train.max_steps=40"] if quick else []
-    asr_train = data["asr_train"]
+    asr_train, hint_filter = data["asr_train"], None
     if load_recipe("demo").model.transcript_hint:
-        asr_train = _hint_consistent(assets.whisper, features, asr_train, out / "asr_train.hinted.jsonl", say)
+        asr_train, hint_filter = _hint_consistent(assets.whisper, features, asr_train,
+                                                  out / "asr_train.hinted.jsonl", say)
         lap("hint_filter")
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
     stage1 = _stage("demo", out / "stage1", [*common, *steps, *_paths(asr_train, data["caption_train"])], resume, say,
@@ -440,6 +447,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
         "qa_by_voice": per_voice_qa(out / "eval" / "qa", data["qa_test"]),
         "real_speech": real_speech,
         "data": _data_card(data),
+        "hint_filter": hint_filter,
         "quick": quick, "whisper": whisper, "seed": seed, "resumed": resume, "processes": processes,
         "machine": machine_card(),
         "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts,

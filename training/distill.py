@@ -13,7 +13,8 @@ conversations: `{"messages": [user: [audio (+ the line's `question` as text, if 
 For a model with transcript hints (`model.transcript_hint`), `filter_by_hint` keeps the transcription lines
 whose text Whisper's own transcript (the hint the model reads) already comes close to: where the hint and the
 target disagree widely, the model learns to rewrite the hint from audio it cannot yet hear as well as Whisper,
-and does so on every voice it meets later.
+and does so on every voice it meets later; with `hint_targets` the kept lines' targets are the hints themselves
+(distilled transcription targets: the model learns to copy what it reads).
 
 Training on those lines can go further than the answer's tokens: with `distill.kl_weight` in a recipe,
 `teacher_kl` also matches the audio model's whole next-token distribution, position by position, to
@@ -201,12 +202,17 @@ def filter_by_hint(
     max_wer: float,
     normalise: Callable[[str], str] | None = None,
     window_seconds: float = 30.0,
+    hint_targets: bool = False,
 ) -> dict:
     """Write `out`: the lines of the transcription manifest `manifest` whose `text` is within `max_wer` (word
     error rate, after `normalise` on both sides and the metrics' own normaliser) of `transcriber`'s transcript
     of the clip, with audio paths made absolute. Lines that say nothing is spoken (`"transcript": ""`, e.g. a
     clip of noise answered "There is no speech ...") are kept unchecked. A clip longer than `window_seconds` is
     transcribed window by window, as a hinted model's processor reads it, the windows' texts joined.
+
+    With `hint_targets`, each kept line with speech has the hint itself as its `text` (the line's own text moves
+    to `"reference_text"`): the target is then exactly what the model reads beside the audio, so it learns to
+    copy the hint, never to rewrite it from audio tokens it hears less well on voices it never trained on.
 
     Raises DistillError naming every line without an 'audio' and a non-empty 'text', and every clip that
     cannot be read (nothing is written then). Returns {"lines", "kept", "dropped", "unchecked"}.
@@ -245,8 +251,10 @@ def filter_by_hint(
         for n, item in rows:
             if n in hints:
                 wer = word_error_rate([normalise(item["text"])], [normalise(hints[n])])["wer"]
-                if wer > max_wer:
+                if wer > max_wer or (hint_targets and not hints[n].strip()):  # nothing heard: nothing to copy
                     continue
+                if hint_targets:
+                    item = {**item, "text": hints[n], "reference_text": item["text"]}
             else:
                 unchecked += 1
             f.write(json.dumps(item) + "\n")

@@ -105,6 +105,35 @@ def test_filter_by_hint_keeps_lines_the_hint_agrees_with_and_every_clip_without_
     assert summary == {"lines": 5, "kept": 4, "dropped": 1, "unchecked": 1}
 
 
+def test_filter_by_hint_with_hint_targets_trains_the_model_to_copy_what_it_reads(tmp_path):
+    from eardrum.training.distill import filter_by_hint
+
+    names = _clips(tmp_path, [1.0, 1.2, 1.4, 1.6])
+    lines = [
+        {"audio": names[0], "text": "the cat sat on two mats", "voice": "a"},  # kept, target = the hint
+        {"audio": names[1], "text": "a dog ran"},  # too far from the hint: dropped
+        {"audio": names[2], "text": "There is no speech in this recording.", "transcript": ""},  # kept as it is
+        {"audio": names[3], "text": "hello there"},  # Whisper heard nothing: nothing to copy, dropped
+    ]
+    manifest = tmp_path / "asr.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    hints = {16000: "The cat sat on two hats.", 19200: "a frog swam", 25600: "", 22400: " "}
+
+    transcriber = lambda windows: [hints[len(w)] for w in windows]  # noqa: E731
+    summary = filter_by_hint(transcriber, manifest, tmp_path / "kept.jsonl", max_wer=0.5, hint_targets=True)
+    kept = [json.loads(x) for x in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert [Path(r["audio"]).name for r in kept] == [names[0], names[2]]
+    assert kept[0]["text"] == "The cat sat on two hats." and kept[0]["reference_text"] == "the cat sat on two mats"
+    assert kept[0]["voice"] == "a"
+    assert kept[1] == {**lines[2], "audio": str((tmp_path / names[2]).resolve())}  # no speech: its own text
+    assert summary == {"lines": 4, "kept": 2, "dropped": 2, "unchecked": 1}
+    # however loose the filter, a clip Whisper heard nothing in has no hint to copy
+    summary = filter_by_hint(transcriber, manifest, tmp_path / "loose.jsonl", max_wer=1.0, hint_targets=True)
+    kept = [json.loads(x) for x in (tmp_path / "loose.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in kept] == ["The cat sat on two hats.", "a frog swam", lines[2]["text"]]
+    assert summary["dropped"] == 1
+
+
 def test_filter_by_hint_names_every_bad_line_and_writes_nothing(tmp_path):
     from eardrum.training.distill import filter_by_hint
 
