@@ -1,9 +1,10 @@
 """A test set for asking across a library of recordings: long recordings with facts planted at known times.
 
-Each recording is everyday speech in one or two of the demo's held-out voices (`eardrum.demo.data`: voices no
-demo training clip uses), in sentences no demo clip speaks, with facts planted at known times, each in one sentence that names its own project (a code word used nowhere
-else in the library): who leads it, what it costs, when it launches, where its workshop is. A few sound
-events (an animal, an alarm of beeps) sit in gaps of their own, each kind once in the whole library. Beside
+Each recording is everyday speech in one or two of the demo's held-out voices (`eardrum.demo.data`: voices
+no demo training clip uses), in sentences no demo clip speaks, with facts planted at known times, each in one
+sentence that names its own project (a code word used nowhere else in the library): who leads it, what it
+costs, when it launches, where its workshop is. A few sound events (an animal, an alarm of beeps) sit in gaps
+of their own, each kind once in the whole library. Beside
 them, questions whose answer is in exactly one place (`questions.jsonl`: the question, the accepted answers,
 the file and the span in seconds where the answer is heard), and questions about projects the library never
 mentions (`"kind": "none"`, no file): an honest answer says it cannot find them.
