@@ -10,8 +10,9 @@ Measured (JSON out):
 - retrieval: recall@1 and @5 of the right window (the one holding the middle of the planted fact or sound),
   for speech facts and for sounds;
 - answers (speech facts): how often the answer from the library (`AudioChat.ask(question, library=...)`, which
-  hears the top windows) contains an accepted answer, against the ceiling (the model hearing the right window
-  alone) and a cascade (the same LLM reading the top windows' indexed text instead of hearing them); citation
+  hears the top windows about as good as the best, `WINDOW_MARGIN`) contains an accepted answer, against the same
+  hearing every one of the top LIBRARY_WINDOWS, the ceiling (the model hearing the right window alone) and a
+  cascade (the same LLM reading the top windows' indexed text instead of hearing them); citation
   accuracy: among the right answers, how often the right window is among the cited sources;
 - invented answers: questions about projects the library never mentions that get an answer instead of "I
   cannot find it";
@@ -25,6 +26,7 @@ Measured (JSON out):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -40,6 +42,7 @@ from .report_io import emit, machine
 REFUSALS = ("cannot", "can't", "can not", "not mentioned", "no information", "does not say", "doesn't say",
             "no mention", "nothing in the library", "not in the recordings", "don't know", "do not know",
             "not find", "no answer", "not specified", "no speech")
+COVERAGES = (0.5, 0.6, 0.7)  # retrieval is also measured at these `min_coverage` thresholds
 HOP_WINDOWS_PER_HOUR = 240  # 20 s windows every 15 s (the defaults): how many windows an hour of audio makes
 
 
@@ -53,6 +56,19 @@ def right_window(row: dict, path: str, start: float, end: float) -> bool:
     """Whether the window (path, start, end) holds the middle of the planted span of `row`."""
     middle = (row["start"] + row["end"]) / 2
     return Path(path).name == Path(row["file"]).name and start <= middle <= end
+
+
+@contextlib.contextmanager
+def library_margin(margin: float):
+    """Questions asked inside hear the windows within `margin` of the best one's coverage
+    (`inference.library.WINDOW_MARGIN`; 1.0: every one of the top LIBRARY_WINDOWS)."""
+    from eardrum.inference import library
+
+    kept, library.WINDOW_MARGIN = library.WINDOW_MARGIN, margin
+    try:
+        yield
+    finally:
+        library.WINDOW_MARGIN = kept
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -160,12 +176,23 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
         recall[name] = {"questions": len(group),
                         "recall@1": round(sum(r == 0 for r in ranks) / max(1, len(group)), 3),
                         "recall@5": round(sum(r is not None for r in ranks) / max(1, len(group)), 3)}
+    # the same searches at other coverage thresholds (`MIN_COVERAGE`): what the threshold trades
+    for coverage in COVERAGES:
+        top = {id(r): library.search(r["question"], k=5, min_coverage=coverage) for r in rows}
+        recall[f"min_coverage={coverage}"] = {
+            **{f"{name}_recall@5": round(sum(any(right_window(r, h.path, h.start, h.end) for h in top[id(r)])
+                                             for r in group) / max(1, len(group)), 3)
+               for name, group in (("speech", speech), ("sounds", sounds))},
+            "unanswerable_finding_a_window": round(sum(bool(top[id(r)]) for r in unanswerable)
+                                                   / max(1, len(unanswerable)), 3)}
     report["retrieval"] = recall
 
     # answers: from the library, the right window alone (ceiling), the indexed text of the top windows (cascade)
     settings = GenerationSettings(max_new_tokens=48)
-    from_library, cited, ceiling, cascade = [], [], [], []
+    from_library, every_top, cited, ceiling, cascade = [], [], [], [], []
     for row in speech:
+        with library_margin(1.0):  # the top LIBRARY_WINDOWS windows, however much weaker than the best
+            every_top.append(AudioChat(model, processor, settings).ask(row["question"], library=library))
         chat = AudioChat(model, processor, settings)
         from_library.append(chat.ask(row["question"], library=library))
         hits = chat.last_sources  # the windows that answer heard: the cascade reads their text instead
@@ -179,7 +206,8 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
     answers = [r["answers"] for r in speech]
     right = [contains_answer([a], [ans]) == 1.0 for a, ans in zip(from_library, answers)]
     score = {name: round(contains_answer(texts, answers), 3) if speech else None
-             for name, texts in (("library", from_library), ("ceiling_right_window", ceiling), ("cascade", cascade))}
+             for name, texts in (("library", from_library), ("library_every_top_window", every_top),
+                                 ("ceiling_right_window", ceiling), ("cascade", cascade))}
     score["library_over_ceiling"] = (round(score["library"] / score["ceiling_right_window"], 3)
                                      if speech and score["ceiling_right_window"] else None)
     score["citation_accuracy_of_right_answers"] = (round(sum(c for c, r in zip(cited, right) if r) / sum(right), 3)

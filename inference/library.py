@@ -37,8 +37,9 @@ from eardrum.adapters.config import plan_windows, window_samples
 
 logger = logging.getLogger(__name__)
 
-# 2: words are stemmed (porter), so "beeping" finds "beep"; 3: each window keeps its hint; 4: the hint is searched too
-LIBRARY_VERSION = 4
+# 2: words are stemmed (porter), so "beeping" finds "beep"; 3: each window keeps its hint; 4: the hint is searched too;
+# 5: the vocabulary is kept unstemmed, for words that sound like a question's (`AudioLibrary.sounds_like`)
+LIBRARY_VERSION = 5
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")  # what soundfile decodes
 DEFAULT_WINDOW_S = 20.0
 DEFAULT_OVERLAP_S = 5.0
@@ -54,6 +55,14 @@ STOPWORDS = frozenset(
 # telling word no window holds ("Who leads the volcano project?" in a library that never says "volcano") finds
 # nothing, however many windows share its common words ("project", "lead").
 MIN_COVERAGE = 0.6
+# A word of the library stands in for a question's word it looks like (rapidfuzz's ratio, 0-1, at least this; words
+# of MIN_SOUNDS_LIKE_LETTERS letters or more): speech recognition writes a name it has not heard as a word it knows
+# ("altair" -> "altar", "alder" -> "older"), and a question asks with another form of a word ("lead" for "led"). A
+# window holding such a word gets that share of the question word's weight, less when the word is common
+# (`AudioLibrary._coverage`).
+SOUNDS_LIKE = 0.8
+MIN_SOUNDS_LIKE_LETTERS = 4
+SEARCH_POOL = 50  # windows ranked by BM25 whose coverage is weighed, the k best of them kept
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,14 +75,21 @@ CREATE TABLE IF NOT EXISTS windows (
 CREATE INDEX IF NOT EXISTS windows_by_file ON windows(file_id);
 """
 # Both the describer's text and the hint are searched: a model that reads Whisper's transcript beside the audio may
-# describe a long window by its first sentence, while the hint holds every word Whisper heard in it.
+# describe a long window by its first sentence, while the hint holds every word Whisper heard in it. The same text
+# is indexed a second time unstemmed (`windows_words`, no positions) for its vocabulary (`library_words`): the
+# words a question's word may have been misheard as are looked up there (`AudioLibrary.sounds_like`).
 TEXT_INDEX = """
 CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, hint, content='windows', content_rowid='id',
     tokenize='porter unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS windows_words USING fts5(text, hint, content='windows', content_rowid='id',
+    tokenize='unicode61', detail='none');
+CREATE VIRTUAL TABLE IF NOT EXISTS library_words USING fts5vocab(windows_words, 'row');
 CREATE TRIGGER IF NOT EXISTS windows_added AFTER INSERT ON windows BEGIN
-    INSERT INTO windows_text(rowid, text, hint) VALUES (new.id, new.text, new.hint); END;
+    INSERT INTO windows_text(rowid, text, hint) VALUES (new.id, new.text, new.hint);
+    INSERT INTO windows_words(rowid, text, hint) VALUES (new.id, new.text, new.hint); END;
 CREATE TRIGGER IF NOT EXISTS windows_removed AFTER DELETE ON windows BEGIN
-    INSERT INTO windows_text(windows_text, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint); END;
+    INSERT INTO windows_text(windows_text, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint);
+    INSERT INTO windows_words(windows_words, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint); END;
 """
 
 
@@ -162,9 +178,14 @@ def question_words(question: str) -> list[str]:
     return list(dict.fromkeys(w for w in re.findall(r"[\w']+", question.lower()) if w not in STOPWORDS))
 
 
+def any_of(words: Iterable[str]) -> str:
+    """An FTS5 query matching any of `words`, each quoted (once)."""
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+
+
 def search_terms(question: str) -> str:
     """An FTS5 query for a question: its words (`question_words`), each quoted, any of them matching."""
-    return " OR ".join(f'"{w}"' for w in question_words(question))
+    return any_of(question_words(question))
 
 
 DESCRIBE_MAX_TOKENS = 96  # a 20 s window of fast speech is about 70 words
@@ -195,7 +216,10 @@ def model_describer(model, processor, *, batch_size: int = 8, prompt: str | None
     return describe
 
 
-LIBRARY_WINDOWS = 3  # windows a question about a library hears
+LIBRARY_WINDOWS = 3  # windows a question about a library hears at most
+# ... those whose coverage (`Hit.coverage`) is within this of the best window's: a window that holds fewer of the
+# question's words than the best one is more likely to distract the model than to help it
+WINDOW_MARGIN = 0.1
 LIBRARY_INTRO = 'Recording "{name}" at {time}:'  # a window found in a library: its file and start (time_marker)
 NOTHING_FOUND = "Nothing in the library matches this question, so I cannot answer it from the recordings."
 FOLLOW_UP_WORDS = frozenset("it its that this these those they them their he him his she her and also".split())
@@ -220,18 +244,21 @@ def user_question(message: dict) -> str | None:
 
 
 def find_windows(library: AudioLibrary | str | os.PathLike, question: str, earlier: Sequence[str] = (),
-                 k: int = LIBRARY_WINDOWS, hints_for: str | None = None) -> list[Hit]:
-    """The `k` windows of `library` (an open library or its file) that best match `question`; a follow-up
-    (`is_follow_up`) whose own words find nothing is searched with the last two `earlier` questions instead.
-    `hints_for`: the asking model's transcriber fingerprint (`AudioLibrary.search`)."""
+                 k: int = LIBRARY_WINDOWS, hints_for: str | None = None,
+                 margin: float | None = None) -> list[Hit]:
+    """At most `k` windows of `library` (an open library or its file) that best match `question`, only those whose
+    coverage is within `margin` (default WINDOW_MARGIN) of the best one's; a follow-up (`is_follow_up`) whose own
+    words find nothing is searched with the last two `earlier` questions instead. `hints_for`: the asking model's
+    transcriber fingerprint (`AudioLibrary.search`)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"windows: expected a positive number of library windows, got {k!r}")
+    margin = WINDOW_MARGIN if margin is None else margin
     opened = library if isinstance(library, AudioLibrary) else open_library(library)
     try:
         hits = opened.search(question, k, hints_for=hints_for)
         if not hits and earlier and is_follow_up(question):  # its own words found nothing: the topic is earlier
             hits = opened.search(" ".join(earlier[-2:]), k, hints_for=hints_for)
-        return hits
+        return [h for h in hits if h.coverage >= hits[0].coverage - margin]  # best first (`AudioLibrary.search`)
     finally:
         if opened is not library:
             opened.close()
@@ -292,7 +319,7 @@ class AudioLibrary:
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.executescript(SCHEMA)
             stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-            if stored.get("version") in ("2", "3"):
+            if stored.get("version") in ("2", "3", "4"):
                 self._upgrade(stored["version"])
                 stored["version"] = str(LIBRARY_VERSION)
             self.db.executescript(TEXT_INDEX)
@@ -316,16 +343,20 @@ class AudioLibrary:
             raise LibraryError(f"{self.path}: library version {stored.get('version')}, this eardrum reads "
                                f"{LIBRARY_VERSION}; index the recordings into a new library")
         self.window_s, self.overlap_s = float(stored["window_s"]), float(stored["overlap_s"])
+        self._words: list[str] = []  # `_vocabulary`, as read when the library's state was `_words_at`
+        self._words_at: tuple[int, int] | None = None
 
     def _upgrade(self, version: str) -> None:
-        """Bring a library of `version` 2 (no hints) or 3 (hints kept, not searched) to LIBRARY_VERSION in one
-        transaction: the windows keep their texts, a v2 library's windows get an empty hint, and the full-text
-        index is rebuilt over text and hint."""
+        """Bring a library of `version` 2 (no hints), 3 (hints kept, not searched) or 4 (no unstemmed vocabulary)
+        to LIBRARY_VERSION in one transaction: the windows keep their texts, a v2 library's windows get an empty
+        hint, and the full-text indexes are rebuilt over text and hint."""
         self.db.executescript(
             "BEGIN;" + ("ALTER TABLE windows ADD COLUMN hint TEXT;" if version == "2" else "")
             + "DROP TRIGGER IF EXISTS windows_added; DROP TRIGGER IF EXISTS windows_removed;"
-            "DROP TABLE IF EXISTS windows_text;" + TEXT_INDEX
+            "DROP TABLE IF EXISTS library_words; DROP TABLE IF EXISTS windows_words; DROP TABLE IF EXISTS windows_text;"
+            + TEXT_INDEX
             + "INSERT INTO windows_text(windows_text) VALUES ('rebuild');"
+            "INSERT INTO windows_words(windows_words) VALUES ('rebuild');"
             f"UPDATE meta SET value = '{LIBRARY_VERSION}' WHERE key = 'version'; COMMIT;")
 
     def close(self) -> None:
@@ -461,36 +492,74 @@ class AudioLibrary:
 
     def search(self, question: str, k: int = 5, min_coverage: float = MIN_COVERAGE,
                hints_for: str | None = None) -> list[Hit]:
-        """The `k` windows whose text best matches the words of `question` (BM25), best first, among those
-        holding at least `min_coverage` of its words weighted by rarity (`MIN_COVERAGE`; 0 keeps every match);
-        [] when no window does. The hits hold their stored hints only for the transcriber whose fingerprint is
-        `hints_for` (`HintSource.fingerprint`) and whose hints these are."""
-        terms = search_terms(question)
+        """The `k` windows that best match the words of `question`: among the SEARCH_POOL best by BM25 over the
+        question's words and the library words that look like them (`sounds_like`), those holding at least
+        `min_coverage` of its words weighted by rarity (`MIN_COVERAGE`; 0 keeps every match), most covered first
+        (BM25 breaks ties); [] when no window does. The hits hold their stored hints only for the transcriber whose
+        fingerprint is `hints_for` (`HintSource.fingerprint`) and whose hints these are."""
+        alternatives = {word: self.sounds_like(word) for word in question_words(question)}
+        terms = any_of(w for near in alternatives.values() for w in near)
         if not terms:
             return []
         rows = self.db.execute(
             "SELECT w.id, f.path, w.start, w.end, w.text, bm25(windows_text) AS score, w.hint FROM windows_text "
             "JOIN windows w ON w.id = windows_text.rowid JOIN files f ON f.id = w.file_id "
-            "WHERE windows_text MATCH ? ORDER BY score LIMIT ?", (terms, k)).fetchall()
+            "WHERE windows_text MATCH ? ORDER BY score LIMIT ?", (terms, max(k, SEARCH_POOL))).fetchall()
         if not rows:
             return []
-        coverage = self._coverage(question_words(question), [row[0] for row in rows])
+        coverage = self._coverage(alternatives, [row[0] for row in rows])
         usable = hints_for is not None and hints_for == self.meta("hints_by")
         hits = [Hit(*row[1:6], coverage=round(coverage[row[0]], 4), hint=row[6] if usable else None) for row in rows]
-        return [h for h in hits if h.coverage >= min_coverage]
+        kept = sorted((h for h in hits if h.coverage >= min_coverage), key=lambda h: (-h.coverage, h.score))
+        return kept[:k]
 
-    def _coverage(self, words: list[str], ids: list[int]) -> dict[int, float]:
-        """For each window id: the share of `words` it holds, each word weighted by BM25's idf over the library
-        (ln(1 + (N - n + 0.5) / (n + 0.5)) for a word n of N windows hold), as FTS5 tokenises both."""
+    def sounds_like(self, word: str, threshold: float = SOUNDS_LIKE) -> dict[str, float]:
+        """{word: 1.0} and the library's words (unstemmed, lower case) that look like `word` (a word of
+        MIN_SOUNDS_LIKE_LETTERS letters or more): {library word: similarity in [threshold, 1)}."""
+        from rapidfuzz import fuzz, process
+
+        near = {word: 1.0}
+        if len(word) >= MIN_SOUNDS_LIKE_LETTERS and word.isalpha():
+            for other, score, _ in process.extract(word, self._vocabulary(), scorer=fuzz.ratio,
+                                                   score_cutoff=100 * threshold, limit=None):
+                near.setdefault(other, round(score / 100, 4))
+        return near
+
+    def _vocabulary(self) -> list[str]:
+        """The library's alphabetic words, unstemmed, read again when the library has changed."""
+        changed = (self.db.total_changes, self.db.execute("PRAGMA data_version").fetchone()[0])
+        if self._words_at != changed:
+            self._words = [w for (w,) in self.db.execute("SELECT term FROM library_words") if w.isalpha()]
+            self._words_at = changed
+        return self._words
+
+    def _coverage(self, alternatives: dict[str, dict[str, float]], ids: list[int]) -> dict[int, float]:
+        """For each window id: the share of the question's words it holds, each word weighted by BM25's idf over
+        the library (ln(1 + (N - n + 0.5) / (n + 0.5)) for a word n of N windows hold, as FTS5 tokenises both).
+        `alternatives`: {question word: {word: similarity}} (`sounds_like`); a window holding only words that look
+        like a question's word gets the best of their similarities times its weight, each similarity scaled by
+        how rare that word is (its idf over that of a word one window holds: a common word that looks like a rare
+        one says little)."""
         total = self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
         marks = ",".join("?" * len(ids))
-        weight, held = {}, dict.fromkeys(ids, 0.0)
-        for word in words:
-            query = f'"{word}"'
-            n = self.db.execute("SELECT COUNT(*) FROM windows_text WHERE windows_text MATCH ?", (query,)).fetchone()[0]
-            weight[word] = math.log(1 + (total - n + 0.5) / (n + 0.5))
-            for (i,) in self.db.execute(f"SELECT rowid FROM windows_text WHERE windows_text MATCH ? AND rowid IN "
-                                        f"({marks})", (query, *ids)):
-                held[i] += weight[word]
-        whole = sum(weight.values())
+
+        def idf(word: str) -> float:
+            n = self.db.execute("SELECT COUNT(*) FROM windows_text WHERE windows_text MATCH ?",
+                                (f'"{word}"',)).fetchone()[0]
+            return math.log(1 + (total - n + 0.5) / (n + 0.5))
+
+        whole, held = 0.0, dict.fromkeys(ids, 0.0)
+        rarest = math.log(1 + (total - 1 + 0.5) / (1 + 0.5))  # the idf of a word one window holds
+        for word, near in alternatives.items():
+            weight = idf(word)
+            whole += weight
+            credit = dict.fromkeys(ids, 0.0)
+            for other, share in near.items():
+                if other != word:  # a common word that looks like a rare one is weak evidence for it
+                    share *= min(1.0, idf(other) / rarest)
+                for (i,) in self.db.execute(f"SELECT rowid FROM windows_text WHERE windows_text MATCH ? AND rowid IN "
+                                            f"({marks})", (f'"{other}"', *ids)):
+                    credit[i] = max(credit[i], share)
+            for i in ids:
+                held[i] += weight * credit[i]
         return {i: (h / whole if whole else 0.0) for i, h in held.items()}

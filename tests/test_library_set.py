@@ -131,11 +131,14 @@ def test_library_bench_reports_every_measure_on_a_tiny_model(built, tmp_path):
         1 for r in about_two if r["answers"]) == 4
     assert report["unanswerable"]["questions"] == 4
     assert 0 <= report["unanswerable"]["invented_rate"] <= 1
+    for way in ("library", "library_every_top_window", "ceiling_right_window", "cascade"):
+        assert 0 <= report["answers"][way] <= 1
     latency = report["latency_ms"]
     # a random model's window texts rarely share a word with a question; a question that finds nothing is
     # answered without the model, so it is not timed (None when no question finds a window)
     assert latency["one_window_directly"] > 0 and (latency["library"] is None or latency["library"] > 0)
     assert len(latency["library_by_size"]) == 1
+    assert 0 <= report["retrieval"]["min_coverage=0.6"]["speech_recall@5"] <= 1
     assert latency["synthetic_windows_added"] == library_bench.HOP_WINDOWS_PER_HOUR * 2
 
 
@@ -151,3 +154,4 @@ def test_on_perfect_transcripts_the_search_finds_the_facts_and_nothing_for_unask
     assert kept["questions"] == {"speech": 12, "sounds": 9, "unanswerable": 30}
     assert kept["speech_recall@5"] >= 0.9 and kept["sounds_recall@5"] >= bare["sounds_recall@5"]
     assert kept["unanswerable_finding_a_window"] == 0.0 and bare["unanswerable_finding_a_window"] == 1.0
+

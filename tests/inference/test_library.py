@@ -271,17 +271,21 @@ def hints_from(word: str) -> HintSource:
 
 
 def as_older_version(path, version: str) -> None:
-    """Rewrite a library as `version` 2 (no hint column, text alone searched) or 3 (hints kept, not searched)."""
+    """Rewrite a library as `version` 2 (no hint column, text alone searched), 3 (hints kept, not searched) or 4
+    (text and hint searched, no unstemmed vocabulary)."""
+    columns = "text, hint" if version == "4" else "text"
     with sqlite3.connect(path) as db:
         db.executescript(
-            "DROP TRIGGER windows_added; DROP TRIGGER windows_removed; DROP TABLE windows_text;"
+            "DROP TRIGGER windows_added; DROP TRIGGER windows_removed; DROP TABLE library_words;"
+            "DROP TABLE windows_words; DROP TABLE windows_text;"
             + ("ALTER TABLE windows DROP COLUMN hint;" if version == "2" else "")
-            + "CREATE VIRTUAL TABLE windows_text USING fts5(text, content='windows', content_rowid='id', "
+            + f"CREATE VIRTUAL TABLE windows_text USING fts5({columns}, content='windows', content_rowid='id', "
             "tokenize='porter unicode61'); INSERT INTO windows_text(windows_text) VALUES ('rebuild');"
             "CREATE TRIGGER windows_added AFTER INSERT ON windows BEGIN "
-            "INSERT INTO windows_text(rowid, text) VALUES (new.id, new.text); END;"
+            f"INSERT INTO windows_text(rowid, {columns}) VALUES (new.id, new.{columns.replace(', ', ', new.')}); END;"
             "CREATE TRIGGER windows_removed AFTER DELETE ON windows BEGIN "
-            "INSERT INTO windows_text(windows_text, rowid, text) VALUES ('delete', old.id, old.text); END;"
+            f"INSERT INTO windows_text(windows_text, rowid, {columns}) VALUES ('delete', old.id, "
+            f"old.{columns.replace(', ', ', old.')}); END;"
             f"UPDATE meta SET value = '{version}' WHERE key = 'version';")
 
 
@@ -299,7 +303,7 @@ def test_the_hint_is_searched_as_well_as_the_describers_text(tmp_path, folder):
         assert {Path(h.path).name for h in lib.search("zanzibar", k=5)} == {"meeting.wav"}
 
 
-@pytest.mark.parametrize("version", ["2", "3"])
+@pytest.mark.parametrize("version", ["2", "3", "4"])
 def test_a_library_of_an_earlier_version_opens_searches_and_indexes(tmp_path, folder, version):
     path = tmp_path / "lib.sqlite"
     with AudioLibrary(path, window_s=20, overlap_s=5) as lib:
@@ -311,6 +315,7 @@ def test_a_library_of_an_earlier_version_opens_searches_and_indexes(tmp_path, fo
         assert hits[0].path.endswith("meeting.wav") and hits[0].hint is None
         found = {Path(h.path).name for h in lib.search("zanzibar", k=5)}
         assert found == (set() if version == "2" else {"meeting.wav", "street.wav"})  # v3's hints now searched
+        assert ("zanzibar" in lib.sounds_like("zanzibr")) == (version != "2")  # its words now kept unstemmed
         recording(folder / "late.wav", 10, {2: 880})
         lib.index([folder], Describer(), describer="test", hints=hints_from("zanzibar"))
         assert "late.wav" in {Path(h.path).name for h in lib.search("zanzibar", k=5)}
@@ -334,3 +339,50 @@ def test_windows_longer_than_the_models_encoder_window_keep_no_hint_and_are_aske
     chat = AudioChat(model, processor, settings=GenerationSettings(max_new_tokens=2))
     answer = chat.ask("What did Maria say about the budget?", library=path, windows=1)
     assert answer.endswith("Sources: meeting.wav 00:30") and "transcript" not in chat.history[-2]["content"][1]
+
+
+class Sentences:
+    """Describes the i-th window indexed with the i-th of `texts` (the same recording in order)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = list(texts)
+
+    def __call__(self, waves: list[np.ndarray]) -> list[str]:
+        taken, self.texts = self.texts[: len(waves)], self.texts[len(waves) :]
+        return taken
+
+
+def test_a_misheard_name_is_found_by_the_word_it_was_heard_as_and_a_common_lookalike_is_not_enough(tmp_path):
+    """Speech recognition writes a name it has not heard as a word it knows ("altair" -> "altar") and the speaker
+    may say "led" where the question asks "lead": the window is found by the words that look like the question's,
+    with less than full coverage; a word held by many windows ("come") is weak evidence for a rare one ("comet")."""
+    texts = ["The altar project will be led by Sophie Novak.", "I will come home soon.",
+             "They come and go.", "Come what may.", "The budget for the sanfron project is thirty thousand dollars."]
+    texts += [f"Filler sentence number {n} about the weather." for n in range(8)]  # 13 windows of 200 s
+    recording(tmp_path / "talk.wav", 200, {})
+    with AudioLibrary(tmp_path / "lib.sqlite", window_s=20, overlap_s=5) as lib:
+        lib.index([tmp_path / "talk.wav"], Sentences(texts), describer="test")
+        assert lib.sounds_like("altair") == {"altair": 1.0, "altar": pytest.approx(0.909, abs=1e-3)}
+        [hit] = lib.search("Who will lead the altair project?", k=3)
+        assert hit.start == 0 and 0.6 <= hit.coverage < 1
+        assert lib.search("Who will lead the altair project?", k=3, min_coverage=0.99) == []
+        assert "come" in lib.sounds_like("comet") and lib.search("Where is the comet?") == []
+        assert lib.search("What is the budget for the saffron project?", k=1)[0].start == 4 * 15  # "sanfron"
+        assert lib.search("Who will lead the maple project?") == []
+
+
+def test_a_question_hears_only_the_windows_about_as_good_as_the_best(tmp_path):
+    """A window holding two of the question's three words would be heard beside the one holding all three only
+    if it were within WINDOW_MARGIN of it: a weaker window distracts more than it helps."""
+    from eardrum.inference.library import WINDOW_MARGIN, find_windows
+
+    texts = ["The budget for the harbor project is ten thousand dollars.", "The project budget grew last year.",
+             "The harbor is busy today."] + [f"Filler sentence number {n} about the weather." for n in range(5)]
+    recording(tmp_path / "talk.wav", 125, {})
+    with AudioLibrary(tmp_path / "lib.sqlite", window_s=20, overlap_s=5) as lib:
+        lib.index([tmp_path / "talk.wav"], Sentences(texts), describer="test")
+        question = "What is the budget for the harbor project?"
+        best, weaker = lib.search(question, k=3)  # "The harbor is busy" holds too few of its words
+        assert (best.start, best.coverage, weaker.start) == (0, 1.0, 15) and weaker.coverage < 1 - WINDOW_MARGIN
+        assert [h.start for h in find_windows(lib, question, k=3)] == [0]
+        assert [h.start for h in find_windows(lib, question, k=3, margin=1.0)] == [0, 15]
