@@ -94,10 +94,17 @@ def cut_library(source: Path, target: Path, hours: float) -> float:
     return kept
 
 
+def _new_word(rng: random.Random) -> str:
+    """A made-up word (5-9 letters): one per synthetic window, so that a padded library's vocabulary grows with
+    its hours as a real one's does with new names (what `AudioLibrary.sounds_like` searches)."""
+    return "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(5, 9)))
+
+
 def pad_library(source: Path, target: Path, hours: float, seed: int = 0) -> int:
     """Copy the library at `source` to `target` and add synthetic windows (texts drawn from the words of its own
-    windows, an hour-long synthetic file at a time) until it holds at least `hours` of audio; returns the windows
-    added. A library that keeps hints gets a synthetic hint for each window too (the search reads both)."""
+    windows and one made-up word each, an hour-long synthetic file at a time) until it holds at least `hours` of
+    audio; returns the windows added. A library that keeps hints gets a synthetic hint for each window too (the
+    search reads both)."""
     shutil.copyfile(source, target)
     db = sqlite3.connect(target)
     words = " ".join(t for (t,) in db.execute("SELECT text FROM windows")).split() or ["silence"]
@@ -109,7 +116,7 @@ def pad_library(source: Path, target: Path, hours: float, seed: int = 0) -> int:
         for n in range(math.ceil(max(0.0, hours - have))):
             file_id = db.execute("INSERT INTO files (path, sha256, seconds, indexed_at) VALUES (?, ?, ?, ?)",
                                  (f"/synthetic/hour-{n:05d}.wav", "0" * 64, 3600.0, time.time())).lastrowid
-            rows = [(file_id, 15.0 * k, 15.0 * k + 20.0, " ".join(rng.choices(words, k=45)),
+            rows = [(file_id, 15.0 * k, 15.0 * k + 20.0, " ".join(rng.choices(words, k=44) + [_new_word(rng)]),
                      " ".join(rng.choices(words, k=45)) if hinted else None) for k in range(per_file)]
             db.executemany("INSERT INTO windows (file_id, start, end, text, hint) VALUES (?, ?, ?, ?, ?)", rows)
             added += len(rows)

@@ -62,6 +62,10 @@ MIN_COVERAGE = 0.6
 # (`AudioLibrary._coverage`).
 SOUNDS_LIKE = 0.8
 MIN_SOUNDS_LIKE_LETTERS = 4
+# ... and of about its length: a misheard word is written with about as many letters ("alder" -> "older", "lead" ->
+# "led"), while a word inside a longer one is another word ("turn" in "saturn") or another form of it, which
+# stemming already finds ("launching" for "launch")
+MAX_LENGTH_CHANGE = 1
 SEARCH_POOL = 50  # windows ranked by BM25 whose coverage is weighed, the k best of them kept
 
 SCHEMA = """
@@ -84,13 +88,19 @@ CREATE VIRTUAL TABLE IF NOT EXISTS windows_text USING fts5(text, hint, content='
 CREATE VIRTUAL TABLE IF NOT EXISTS windows_words USING fts5(text, hint, content='windows', content_rowid='id',
     tokenize='unicode61', detail='none');
 CREATE VIRTUAL TABLE IF NOT EXISTS library_words USING fts5vocab(windows_words, 'row');
+INSERT OR IGNORE INTO meta VALUES ('windows_changed', '0');
 CREATE TRIGGER IF NOT EXISTS windows_added AFTER INSERT ON windows BEGIN
     INSERT INTO windows_text(rowid, text, hint) VALUES (new.id, new.text, new.hint);
-    INSERT INTO windows_words(rowid, text, hint) VALUES (new.id, new.text, new.hint); END;
+    INSERT INTO windows_words(rowid, text, hint) VALUES (new.id, new.text, new.hint);
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'windows_changed'; END;
 CREATE TRIGGER IF NOT EXISTS windows_removed AFTER DELETE ON windows BEGIN
     INSERT INTO windows_text(windows_text, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint);
-    INSERT INTO windows_words(windows_words, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint); END;
+    INSERT INTO windows_words(windows_words, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint);
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'windows_changed'; END;
 """
+# library file -> (its windows_changed count when read, its words, {word: windows holding it}): read once per change
+# of the library, however often it is opened (a server opens its library for every question)
+_VOCABULARIES: dict[str, tuple[str | None, list[str], dict[str, int]]] = {}
 
 
 class LibraryError(ValueError):
@@ -343,8 +353,6 @@ class AudioLibrary:
             raise LibraryError(f"{self.path}: library version {stored.get('version')}, this eardrum reads "
                                f"{LIBRARY_VERSION}; index the recordings into a new library")
         self.window_s, self.overlap_s = float(stored["window_s"]), float(stored["overlap_s"])
-        self._words: list[str] = []  # `_vocabulary`, as read when the library's state was `_words_at`
-        self._words_at: tuple[int, int] | None = None
 
     def _upgrade(self, version: str) -> None:
         """Bring a library of `version` 2 (no hints), 3 (hints kept, not searched) or 4 (no unstemmed vocabulary)
@@ -520,18 +528,20 @@ class AudioLibrary:
 
         near = {word: 1.0}
         if len(word) >= MIN_SOUNDS_LIKE_LETTERS and word.isalpha():
-            for other, score, _ in process.extract(word, self._vocabulary(), scorer=fuzz.ratio,
+            for other, score, _ in process.extract(word, self._vocabulary()[0], scorer=fuzz.ratio,
                                                    score_cutoff=100 * threshold, limit=None):
-                near.setdefault(other, round(score / 100, 4))
+                if abs(len(other) - len(word)) <= MAX_LENGTH_CHANGE:
+                    near.setdefault(other, round(score / 100, 4))
         return near
 
-    def _vocabulary(self) -> list[str]:
-        """The library's alphabetic words, unstemmed, read again when the library has changed."""
-        changed = (self.db.total_changes, self.db.execute("PRAGMA data_version").fetchone()[0])
-        if self._words_at != changed:
-            self._words = [w for (w,) in self.db.execute("SELECT term FROM library_words") if w.isalpha()]
-            self._words_at = changed
-        return self._words
+    def _vocabulary(self) -> tuple[list[str], dict[str, int]]:
+        """The library's alphabetic words, unstemmed, and how many windows hold each (see _VOCABULARIES)."""
+        changed = self.meta("windows_changed")
+        key = str(self.path.resolve())
+        if key not in _VOCABULARIES or _VOCABULARIES[key][0] != changed:
+            counts = {w: n for w, n in self.db.execute("SELECT term, doc FROM library_words") if w.isalpha()}
+            _VOCABULARIES[key] = (changed, list(counts), counts)
+        return _VOCABULARIES[key][1:]
 
     def _coverage(self, alternatives: dict[str, dict[str, float]], ids: list[int]) -> dict[int, float]:
         """For each window id: the share of the question's words it holds, each word weighted by BM25's idf over
@@ -543,20 +553,20 @@ class AudioLibrary:
         total = self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
         marks = ",".join("?" * len(ids))
 
-        def idf(word: str) -> float:
-            n = self.db.execute("SELECT COUNT(*) FROM windows_text WHERE windows_text MATCH ?",
-                                (f'"{word}"',)).fetchone()[0]
+        def idf(n: int) -> float:  # of a word n windows hold
             return math.log(1 + (total - n + 0.5) / (n + 0.5))
 
+        held_by = self._vocabulary()[1]  # unstemmed, as `sounds_like` found the words
         whole, held = 0.0, dict.fromkeys(ids, 0.0)
-        rarest = math.log(1 + (total - 1 + 0.5) / (1 + 0.5))  # the idf of a word one window holds
+        rarest = idf(1)
         for word, near in alternatives.items():
-            weight = idf(word)
+            weight = idf(self.db.execute("SELECT COUNT(*) FROM windows_text WHERE windows_text MATCH ?",
+                                         (f'"{word}"',)).fetchone()[0])
             whole += weight
             credit = dict.fromkeys(ids, 0.0)
             for other, share in near.items():
                 if other != word:  # a common word that looks like a rare one is weak evidence for it
-                    share *= min(1.0, idf(other) / rarest)
+                    share *= min(1.0, idf(held_by.get(other, 0)) / rarest)
                 for (i,) in self.db.execute(f"SELECT rowid FROM windows_text WHERE windows_text MATCH ? AND rowid IN "
                                             f"({marks})", (f'"{other}"', *ids)):
                     credit[i] = max(credit[i], share)

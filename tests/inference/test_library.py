@@ -369,6 +369,11 @@ def test_a_misheard_name_is_found_by_the_word_it_was_heard_as_and_a_common_looka
         assert "come" in lib.sounds_like("comet") and lib.search("Where is the comet?") == []
         assert lib.search("What is the budget for the saffron project?", k=1)[0].start == 4 * 15  # "sanfron"
         assert lib.search("Who will lead the maple project?") == []
+        assert "saturn" not in lib.sounds_like("saturday")  # about the length of the word, not inside it
+        recording(tmp_path / "late.wav", 10, {})  # a new word: every opening of the library knows it
+        lib.index([tmp_path / "late.wav"], Sentences(["The marple project will be led by Ann."]), describer="test")
+        with AudioLibrary(tmp_path / "lib.sqlite") as again:
+            assert "marple" in lib.sounds_like("maple") and "marple" in again.sounds_like("maple")
 
 
 def test_a_question_hears_only_the_windows_about_as_good_as_the_best(tmp_path):
