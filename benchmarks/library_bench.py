@@ -4,6 +4,7 @@ retrieval, answers, citations, invented answers and latency against two referenc
     python -m benchmarks.library_set --out /tmp/library-set
     python -m benchmarks.library_bench --set /tmp/library-set --model runs/demo/stage2/final \\
         --out benchmarks/results/library-cpu-demo.json
+    python -m benchmarks.library_bench --set /tmp/library-set --library WORK/library.sqlite   # retrieval only
 
 Measured (JSON out):
 - index: audio hours indexed per hour of wall time, the library file's bytes per audio hour;
@@ -124,6 +125,46 @@ def pad_library(source: Path, target: Path, hours: float, seed: int = 0) -> int:
     return added
 
 
+def question_groups(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The set's questions about speech facts, about sounds, and about what no recording holds."""
+    return ([r for r in rows if r["answers"]], [r for r in rows if r["file"] and not r["answers"]],
+            [r for r in rows if not r["file"]])
+
+
+def set_questions(set_dir: Path, recordings: int | None = None, limit: int | None = None) -> tuple[list, list]:
+    """(recording files, question rows) of a set: its first `recordings` recordings (by name; all for None), the
+    questions about them and every question about projects the set never mentions, the first `limit` of them."""
+    rows = [json.loads(line) for line in (set_dir / "questions.jsonl").read_text().splitlines()]
+    files = sorted((set_dir / "recordings").iterdir())[:recordings]
+    kept = {f"recordings/{f.name}" for f in files}
+    rows = [r for r in rows if not r["file"] or r["file"] in kept]
+    return files, rows[:limit] if limit else rows
+
+
+def measure_retrieval(library, rows: list[dict]) -> dict:
+    """Recall@1/@5 of the right window for speech facts and sounds at the default coverage, and recall@5 with
+    the share of unanswerable questions finding a window at each of COVERAGES (what the threshold trades)."""
+    speech, sounds, unanswerable = question_groups(rows)
+    recall: dict = {}
+    for name, group in (("speech", speech), ("sounds", sounds)):
+        ranks = []
+        for row in group:
+            hits = library.search(row["question"], k=5)
+            ranks.append(next((k for k, h in enumerate(hits) if right_window(row, h.path, h.start, h.end)), None))
+        recall[name] = {"questions": len(group),
+                        "recall@1": round(sum(r == 0 for r in ranks) / max(1, len(group)), 3),
+                        "recall@5": round(sum(r is not None for r in ranks) / max(1, len(group)), 3)}
+    for coverage in COVERAGES:
+        top = {id(r): library.search(r["question"], k=5, min_coverage=coverage) for r in rows}
+        recall[f"min_coverage={coverage}"] = {
+            **{f"{name}_recall@5": round(sum(any(right_window(r, h.path, h.start, h.end) for h in top[id(r)])
+                                             for r in group) / max(1, len(group)), 3)
+               for name, group in (("speech", speech), ("sounds", sounds))},
+            "unanswerable_finding_a_window": round(sum(bool(top[id(r)]) for r in unanswerable)
+                                                   / max(1, len(unanswerable)), 3)}
+    return recall
+
+
 def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float = 1000.0, repeats: int = 5,
             limit: int | None = None, recordings: int | None = None) -> dict:
     """Index `set_dir`'s recordings with the model in `model_dir` (into `work`) and measure (see the module).
@@ -142,12 +183,7 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
         read_span,
     )
 
-    rows = [json.loads(line) for line in (set_dir / "questions.jsonl").read_text().splitlines()]
-    files = sorted((set_dir / "recordings").iterdir())[:recordings]
-    kept = {f"recordings/{f.name}" for f in files}
-    rows = [r for r in rows if not r["file"] or r["file"] in kept]
-    if limit:
-        rows = rows[:limit]
+    files, rows = set_questions(set_dir, recordings, limit)
     model, processor = load_placed(model_dir)
     library_path = work / "library.sqlite"
     library = AudioLibrary(library_path)
@@ -170,29 +206,8 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
                 return path, start, end
         raise ValueError(f"no window of {path} holds {row['start']}-{row['end']} s")
 
-    # retrieval
-    speech = [r for r in rows if r["answers"]]
-    sounds = [r for r in rows if r["file"] and not r["answers"]]
-    unanswerable = [r for r in rows if not r["file"]]
-    recall = {}
-    for name, group in (("speech", speech), ("sounds", sounds)):
-        ranks = []
-        for row in group:
-            hits = library.search(row["question"], k=5)
-            ranks.append(next((k for k, h in enumerate(hits) if right_window(row, h.path, h.start, h.end)), None))
-        recall[name] = {"questions": len(group),
-                        "recall@1": round(sum(r == 0 for r in ranks) / max(1, len(group)), 3),
-                        "recall@5": round(sum(r is not None for r in ranks) / max(1, len(group)), 3)}
-    # the same searches at other coverage thresholds (`MIN_COVERAGE`): what the threshold trades
-    for coverage in COVERAGES:
-        top = {id(r): library.search(r["question"], k=5, min_coverage=coverage) for r in rows}
-        recall[f"min_coverage={coverage}"] = {
-            **{f"{name}_recall@5": round(sum(any(right_window(r, h.path, h.start, h.end) for h in top[id(r)])
-                                             for r in group) / max(1, len(group)), 3)
-               for name, group in (("speech", speech), ("sounds", sounds))},
-            "unanswerable_finding_a_window": round(sum(bool(top[id(r)]) for r in unanswerable)
-                                                   / max(1, len(unanswerable)), 3)}
-    report["retrieval"] = recall
+    speech, sounds, unanswerable = question_groups(rows)
+    report["retrieval"] = measure_retrieval(library, rows)
 
     # answers: from the library, the right window alone (ceiling), the indexed text of the top windows (cascade)
     settings = GenerationSettings(max_new_tokens=48)
@@ -305,7 +320,9 @@ def measure(set_dir: Path, model_dir: Path, work: Path, *, simulate_hours: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", type=Path, required=True, help="a folder made by benchmarks/library_set.py")
-    parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder")
+    parser.add_argument("--model", type=Path, help="a checkpoint folder (indexes the set and asks it)")
+    parser.add_argument("--library", type=Path, help="instead of --model: measure only the retrieval of this "
+                        "library, already indexed from the set (e.g. an earlier run's work/library.sqlite)")
     parser.add_argument("--work", type=Path, help="where the libraries go (default: a temporary folder)")
     parser.add_argument("--simulate-hours", type=float, default=1000.0)
     parser.add_argument("--repeats", type=int, default=5, help="questions timed per latency (median)")
@@ -315,6 +332,17 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.set / "questions.jsonl").is_file():
         parser.error(f"--set {args.set}: no questions.jsonl there; make the set with benchmarks/library_set.py")
+    if (args.model is None) == (args.library is None):
+        parser.error("give --model (index and ask) or --library (retrieval of an indexed library), one of them")
+    if args.library is not None:
+        from eardrum.inference.library import AudioLibrary
+
+        _, rows = set_questions(args.set, args.recordings, args.limit)
+        with AudioLibrary(args.library) as library:
+            report = {"set": json.loads((args.set / "meta.json").read_text()), "library": str(args.library),
+                      "indexed": library.stats(), "retrieval": measure_retrieval(library, rows)}
+        emit({**report, **machine(), "command": " ".join(sys.argv)}, args.out)
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -140,6 +140,11 @@ def test_library_bench_reports_every_measure_on_a_tiny_model(built, tmp_path):
     assert len(latency["library_by_size"]) == 1
     assert 0 <= report["retrieval"]["min_coverage=0.6"]["speech_recall@5"] <= 1
     assert latency["synthetic_windows_added"] == library_bench.HOP_WINDOWS_PER_HOUR * 2
+    again = subprocess.run([sys.executable, "-m", "benchmarks.library_bench", "--set", str(out), "--library",
+                            str(tmp_path / "work" / "library.sqlite"), "--recordings", "2"], check=True,
+                           capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert json.loads(again.stdout)["retrieval"] == report["retrieval"]  # the same library searched again
 
 
 def test_on_perfect_transcripts_the_search_finds_the_facts_and_nothing_for_unasked_projects(tmp_path):
