@@ -89,6 +89,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS windows_words USING fts5(text, hint, content=
     tokenize='unicode61', detail='none');
 CREATE VIRTUAL TABLE IF NOT EXISTS library_words USING fts5vocab(windows_words, 'row');
 INSERT OR IGNORE INTO meta VALUES ('windows_changed', '0');
+INSERT OR IGNORE INTO meta VALUES ('library_id', lower(hex(randomblob(16))));
 CREATE TRIGGER IF NOT EXISTS windows_added AFTER INSERT ON windows BEGIN
     INSERT INTO windows_text(rowid, text, hint) VALUES (new.id, new.text, new.hint);
     INSERT INTO windows_words(rowid, text, hint) VALUES (new.id, new.text, new.hint);
@@ -98,9 +99,10 @@ CREATE TRIGGER IF NOT EXISTS windows_removed AFTER DELETE ON windows BEGIN
     INSERT INTO windows_words(windows_words, rowid, text, hint) VALUES ('delete', old.id, old.text, old.hint);
     UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'windows_changed'; END;
 """
-# library file -> (its windows_changed count when read, its words, {word: windows holding it}): read once per change
-# of the library, however often it is opened (a server opens its library for every question)
-_VOCABULARIES: dict[str, tuple[str | None, list[str], dict[str, int]]] = {}
+# (library file, its library_id) -> (its windows_changed count when read, its words, {word: windows holding it}):
+# read once per change of the library, however often it is opened (a server opens its library for every question);
+# a library made anew at the same path has another id
+_VOCABULARIES: dict[tuple[str, str], tuple[str, list[str], dict[str, int]]] = {}
 
 
 class LibraryError(ValueError):
@@ -536,8 +538,8 @@ class AudioLibrary:
 
     def _vocabulary(self) -> tuple[list[str], dict[str, int]]:
         """The library's alphabetic words, unstemmed, and how many windows hold each (see _VOCABULARIES)."""
-        changed = self.meta("windows_changed")
-        key = str(self.path.resolve())
+        state = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('library_id', 'windows_changed')"))
+        key, changed = (str(self.path.resolve()), state["library_id"]), state["windows_changed"]
         if key not in _VOCABULARIES or _VOCABULARIES[key][0] != changed:
             counts = {w: n for w, n in self.db.execute("SELECT term, doc FROM library_words") if w.isalpha()}
             _VOCABULARIES[key] = (changed, list(counts), counts)

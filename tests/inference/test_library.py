@@ -374,6 +374,11 @@ def test_a_misheard_name_is_found_by_the_word_it_was_heard_as_and_a_common_looka
         lib.index([tmp_path / "late.wav"], Sentences(["The marple project will be led by Ann."]), describer="test")
         with AudioLibrary(tmp_path / "lib.sqlite") as again:
             assert "marple" in lib.sounds_like("maple") and "marple" in again.sounds_like("maple")
+    (tmp_path / "lib.sqlite").unlink()  # a new library at the same path, as many window changes, other words
+    with AudioLibrary(tmp_path / "lib.sqlite", window_s=20, overlap_s=5) as lib:
+        lib.index([tmp_path / "talk.wav"], Sentences([t.replace("altar", "altoir") for t in texts]), describer="test")
+        lib.index([tmp_path / "late.wav"], Sentences(["The marple project will be led by Ann."]), describer="test")
+        assert "altoir" in lib.sounds_like("altair") and "altar" not in lib.sounds_like("altair")
 
 
 def test_a_question_hears_only_the_windows_about_as_good_as_the_best(tmp_path):
