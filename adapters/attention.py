@@ -11,7 +11,9 @@ no wasted pairs), and is SDPA itself for every other input (padded batches, deco
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -38,6 +40,20 @@ def packed_spans(position_ids: torch.Tensor | None, length: int) -> list[tuple[i
 
 # the last position_ids read (a weak reference, its version and the row length) and their spans
 _last: tuple[weakref.ref, int, int, list[tuple[int, int]] | None] | None = None
+_may_be_packed = True  # False inside `not_packed()`
+
+
+@contextlib.contextmanager
+def not_packed() -> Iterator[None]:
+    """Inside the block no row is read as packed: for a single row known to hold one example (the shared prefix of
+    `AudioLLM.forward`), so that its positions are not inspected (reading them waits for the device, and breaks a
+    compiled layer's graph)."""
+    global _may_be_packed
+    kept, _may_be_packed = _may_be_packed, False
+    try:
+        yield
+    finally:
+        _may_be_packed = kept
 
 
 def _spans_of(position_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]] | None:
@@ -54,13 +70,59 @@ def _spans_of(position_ids: torch.Tensor | None, length: int) -> list[tuple[int,
     return spans
 
 
+PREFIX_ATTRIBUTE = "_eardrum_prefix"  # an attention module's (keys, values) of a shared prefix, inside `shared_prefix`
+
+
+@contextlib.contextmanager
+def shared_prefix(llm: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Iterator[None]:
+    """Inside the block every attention layer of `llm` (its modules with a `layer_idx`) reads the keys and values
+    `keys_values[layer_idx]` ((1, H_kv, P, D) each, a prefix every row shares, its positions 0..P-1) before the
+    positions it is given: the rows attend to the prefix as if it stood at their start. The caller gives those
+    rows `position_ids` counting from P and an attention mask of their own positions only."""
+    modules = [m for m in llm.modules() if isinstance(getattr(m, "layer_idx", None), int)
+               and type(m).__name__.endswith("Attention")]
+    if len(modules) != len(keys_values):
+        raise ValueError(f"shared prefix: {len(keys_values)} layers of keys and values for {len(modules)} attention "
+                         "modules")
+    for m in modules:
+        k, v = keys_values[m.layer_idx]
+        setattr(m, PREFIX_ATTRIBUTE, (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)))
+    try:
+        yield
+    finally:
+        for m in modules:
+            delattr(m, PREFIX_ATTRIBUTE)
+
+
+def _after_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA of the rows' positions over the shared prefix's keys (`shared_prefix`) and their own: every position
+    sees the whole prefix, and its own row causally as `attention_mask` (bool (B, 1, Tq, Tk), or None for plain
+    causal) says."""
+    prefix_keys, prefix_values = getattr(module, PREFIX_ATTRIBUTE)  # (B, H_kv, P, D)
+    if attention_mask is None:
+        own = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    elif attention_mask.dtype == torch.bool:
+        own = attention_mask
+    else:  # an additive float mask: 0 where attended
+        own = attention_mask == 0
+    seen = torch.ones(*own.shape[:-1], prefix_keys.shape[2], dtype=torch.bool, device=own.device)
+    mask = torch.cat([seen, own], dim=-1)  # (B or 1, 1, Tq, P + Tk)
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, torch.cat([prefix_keys, key], dim=2),
+                                  torch.cat([prefix_values, value], dim=2), mask, is_causal=False, **kwargs)
+
+
 def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query (B, H, Tq, D), key / value (B, H_kv, Tk, D) -> output
     (B, Tq, H, D), None. A packed row without a cache (B = 1, Tq = Tk, `position_ids` restarting) is computed
-    example by example, each causal within itself; anything else goes to SDPA with its mask."""
+    example by example, each causal within itself; rows after a shared prefix (`shared_prefix`) attend to it
+    too; anything else goes to SDPA with its mask."""
+    if hasattr(module, PREFIX_ATTRIBUTE):
+        return _after_prefix(module, query, key, value, attention_mask, **kwargs)
     spans = None
-    if query.shape[0] == 1 and query.shape[2] == key.shape[2] and not kwargs.get("sliding_window"):
+    if _may_be_packed and query.shape[0] == 1 and query.shape[2] == key.shape[2] and not kwargs.get("sliding_window"):
         spans = _spans_of(kwargs.get("position_ids"), query.shape[2])
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
-from .attention import use_packed_attention
+from .attention import PACKED_SDPA, not_packed, shared_prefix, use_packed_attention
 from .config import AudioLLMConfig, num_audio_tokens
 from .encoders import SpeechEncoder
 from .merge import merge_audio_tokens, text_ids_for_embedding
@@ -135,6 +136,7 @@ class AudioLLM(nn.Module):
         frame_lengths: torch.Tensor | None = None,
         labelled_logits_only: bool = False,
         ctc: dict | None = None,
+        share_prefix: bool = False,
         **llm_kwargs,
     ):
         """Run the LLM on merged embeddings; with labels (B, T_text) it returns the loss too.
@@ -151,6 +153,11 @@ class AudioLLM(nn.Module):
         embeddings as a vocabulary (logits = audio token . embedding of each token; `blank` is a
         token id standing for "no token here"), per target token: it pulls each stretch of audio
         towards the embedding of the word said there. The embedding table gets no gradient from it.
+
+        With `share_prefix` (and `labelled_logits_only`), the text every row begins with (the chat template's
+        system prompt and turn header: `shared_prefix_length`) runs through the LLM once, for one row, and
+        the rows go on from its keys and values: the same loss and gradients (up to float rounding), less
+        work by (B - 1) x the prefix's tokens. Used only where that is exact (`can_share_prefix`).
         """
         if labels is not None and bool((labels == self.placeholder_id).any()):
             raise ValueError("labels contain the audio placeholder id; audio positions must be -100")
@@ -158,10 +165,24 @@ class AudioLLM(nn.Module):
         # a whole sequence at once: no KV cache (transformers would otherwise copy every layer's keys and values
         # into one, in training too)
         llm_kwargs.setdefault("use_cache", False)
-        output = self._lm_forward(embeds, attention_mask, labels, labelled_logits_only, **llm_kwargs)
+        prefix = 0
+        if share_prefix and labelled_logits_only and labels is not None and can_share_prefix(self.llm, llm_kwargs):
+            prefix = shared_prefix_length(input_ids, attention_mask, labels, self.placeholder_id)
+        output = self._lm_forward(embeds, attention_mask, labels, labelled_logits_only, prefix=prefix, **llm_kwargs)
         if ctc is not None:
             output["ctc_loss"] = self.ctc_loss(embeds, input_ids == self.placeholder_id, ctc)
         return output
+
+    def _prefix_keys_values(self, prefix_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """prefix_embeds (1, P, D_llm) -> each layer's keys and values of them ((1, H_kv, P, D_head) each), for
+        `attention.shared_prefix`. A small pass, run as written even where the layers are compiled
+        (`train.compile`: a one-row graph beside the batch's would be one more to compile)."""
+        cache = DynamicCache(config=_base_config(self.llm))
+        ones = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)  # (1, P)
+        kwargs = {cache_argument(self.llm): cache, "logits_to_keep": 1}
+        with not_packed(), torch.compiler.set_stance("force_eager"):  # one row, one example
+            self.llm(inputs_embeds=prefix_embeds, attention_mask=ones, use_cache=True, **kwargs)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def ctc_loss(self, embeds: torch.Tensor, audio_mask: torch.Tensor, ctc: dict) -> torch.Tensor:
         """embeds (B, T_text, D_llm) with audio merged, audio_mask (B, T_text) -> the mean CTC loss per
@@ -178,8 +199,9 @@ class AudioLLM(nn.Module):
             blank=int(ctc["blank"]), reduction="mean", zero_infinity=True,
         )
 
-    def _lm_forward(self, embeds, attention_mask, labels, labelled_logits_only, **llm_kwargs):
-        """The LLM on merged embeddings, with the loss (on labelled positions only, if asked)."""
+    def _lm_forward(self, embeds, attention_mask, labels, labelled_logits_only, prefix: int = 0, **llm_kwargs):
+        """The LLM on merged embeddings, with the loss (on labelled positions only, if asked); the first `prefix`
+        positions, the same in every row, run once (`_prefix_cache`)."""
         if attention_mask is not None:
             attention_mask = attention_mask.to(embeds.device)
         if labels is not None:
@@ -192,7 +214,19 @@ class AudioLLM(nn.Module):
             return output
         # Logits at position t predict token t + 1: keep every t whose next token is labelled in some row.
         positions = labelled_positions(labels)  # (K,)
-        output = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **llm_kwargs)
+        if prefix:  # every labelled position lies after the prefix (`shared_prefix_length`)
+            rows, length = embeds.shape[:2]
+            after = torch.arange(prefix, length, device=embeds.device)[None]  # (1, T_text - prefix)
+            prefix_embeds = embeds[:1, :prefix]  # (1, P, D_llm): text only, so trained only with the embedding table
+            if not self.llm.get_input_embeddings().weight.requires_grad:
+                prefix_embeds = prefix_embeds.detach()  # a frozen LLM (stage 1) then runs the prefix without a graph
+            with shared_prefix(self.llm, self._prefix_keys_values(prefix_embeds), rows):
+                output = self.llm(inputs_embeds=embeds[:, prefix:], position_ids=after,
+                                  attention_mask=None if attention_mask is None else attention_mask[:, prefix:],
+                                  logits_to_keep=positions - prefix, **llm_kwargs)  # (B, T_text - prefix) computed
+        else:
+            output = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions,
+                              **llm_kwargs)
         logits = output.logits  # (B, K, V)
         targets = labels[:, positions + 1]  # (B, K)
         if positions.numel() == 0:
@@ -313,6 +347,46 @@ class AudioLLM(nn.Module):
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, T) -> (K,): the positions t whose logits predict a labelled token t + 1 in some row."""
     return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
+MIN_SHARED_PREFIX = 8  # fewer shared tokens than this are not worth a second LLM call
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                         placeholder_id: int) -> int:
+    """input_ids, attention_mask, labels (B, T) -> P: how many leading positions every row shares (the same
+    text token, attended, no audio) such that no label depends on them alone: labels[:, :P + 1] are all -100,
+    so every logit the loss reads is at position >= P. 0 where P < MIN_SHARED_PREFIX or B < 2."""
+    if input_ids.shape[0] < 2 or input_ids.shape[1] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != placeholder_id)  # (T,)
+    if attention_mask is not None:
+        same &= attention_mask.to(input_ids.device).bool().all(0)
+    unlabelled = (labels.to(input_ids.device) == -100).all(0)  # (T,)
+    shared = int(same.long().cumprod(0).sum())
+    before_labels = int(unlabelled.long().cumprod(0).sum()) - 1  # position P's label must be -100 too
+    prefix = min(shared, before_labels, input_ids.shape[1] - 1)
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
+def can_share_prefix(llm: nn.Module, llm_kwargs: dict) -> bool:
+    """Whether `AudioLLM.forward(share_prefix=True)` can run the shared prefix once for this causal LM and these
+    extra arguments: its attention is eardrum's SDPA (`attention.PACKED_SDPA`, which reads the prefix's keys and
+    values) over full attention (no sliding window), its forward takes a KV cache and `logits_to_keep`, no
+    gradient checkpointing (its backward would run the layers again after the prefix is gone), no positions are
+    given (packed rows: one row, nothing shared)."""
+    config = _base_config(llm)
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return (getattr(config, "_attn_implementation", None) == PACKED_SDPA and not sliding
+            and takes_logits_to_keep(llm) and bool({"cache", "past_key_values"} & forward_parameters(llm))
+            and not any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+            and "position_ids" not in llm_kwargs)
+
+
+def _base_config(llm: nn.Module):
+    """The transformers config of the causal LM under any peft wrapper."""
+    return (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
 
 
 def forward_parameters(llm: nn.Module) -> frozenset[str]:

@@ -1,11 +1,12 @@
-"""A training step with the LLM's decoder layers compiled (`train.compile`) against the same step uncompiled.
+"""A training step with the LLM's decoder layers compiled (`train.compile`) and with the batch's shared prefix run
+once (`train.share_prefix`), each against the plain step.
 
 Loads a saved model (for the demo's numbers: a stage-1 checkpoint of `eardrum demo`, real SmolLM2-135M),
 optionally adds LoRA, freezes what the trainer freezes, collates several batches of a manifest (their lengths
-differ, as a run's do) and times forward + backward with labelled-only logits, compiled and uncompiled in turn
-on the same model, in one process. Every batch runs once in each variant before the timing (the compiled
-layers compile there: the time is reported), then rounds alternate; medians per step. The losses of the two
-variants are compared too.
+differ, as a run's do) and times forward + backward with labelled-only logits in four variants on the same
+model, in one process: plain, shared prefix, compiled, compiled with the shared prefix. Every batch runs once in
+each variant before the timing (the compiled layers compile there: the time is reported), then rounds alternate
+the variants; medians per step. The losses of the variants are compared with the plain one's.
 
     python -m benchmarks.compile_step runs/demo/stage1/final DEMO_DATA/asr_train.jsonl --lora --out compile.json
 """
@@ -13,6 +14,7 @@ variants are compared too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from eardrum.adapters.model import shared_prefix_length
 from eardrum.common.records import DEFAULT_PROMPTS
 from eardrum.training.collate import Collator
 from eardrum.training.compiling import compile_decoder_layers, uncompiled
@@ -27,11 +30,14 @@ from eardrum.training.compiling import compile_decoder_layers, uncompiled
 from .precision_step import step_model
 from .report_io import emit, machine
 
+VARIANTS = {"plain": (False, False), "shared_prefix": (False, True), "compiled": (True, False),
+            "compiled_shared_prefix": (True, True)}  # name -> (compiled, share_prefix)
 
-def step(model, batch: dict) -> tuple[float, float]:
+
+def step(model, batch: dict, share_prefix: bool = False) -> tuple[float, float]:
     """One forward + backward; (seconds, loss)."""
     start = time.perf_counter()
-    loss = model(**batch, labelled_logits_only=True).loss
+    loss = model(**batch, labelled_logits_only=True, share_prefix=share_prefix).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start, loss.item()
@@ -57,29 +63,35 @@ def main() -> None:
         indices = list(range(b * args.batch, min((b + 1) * args.batch, len(records))))
         batches.append({k: v for k, v in collate(indices).items() if isinstance(v, torch.Tensor)})
     compile_decoder_layers(model.llm)
-    first = {"plain": [], "compiled": []}
-    losses = {"plain": [], "compiled": []}
+
+    def run(name: str, batch: dict) -> tuple[float, float]:
+        compiled, shared = VARIANTS[name]
+        with contextlib.nullcontext() if compiled else uncompiled(model.llm):
+            return step(model, batch, shared)
+
+    first = {name: [] for name in VARIANTS}
+    losses = {name: [] for name in VARIANTS}
     for batch in batches:  # warm-up: the compiled layers compile here
-        with uncompiled(model.llm):
-            seconds, loss = step(model, batch)
-        first["plain"].append(seconds)
-        losses["plain"].append(loss)
-        seconds, loss = step(model, batch)
-        first["compiled"].append(seconds)
-        losses["compiled"].append(loss)
-    times = {"plain": [], "compiled": []}
+        for name in VARIANTS:
+            seconds, loss = run(name, batch)
+            first[name].append(seconds)
+            losses[name].append(loss)
+    times = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for batch in batches:
-            with uncompiled(model.llm):
-                times["plain"].append(step(model, batch)[0])
-            times["compiled"].append(step(model, batch)[0])
+            for name in VARIANTS:
+                times[name].append(run(name, batch)[0])
     median = {name: statistics.median(t) for name, t in times.items()}
     report = {
         "machine": machine(), "threads": args.threads, "model": args.model, "manifest": args.manifest,
         "lora": args.lora, "batch_shapes": [list(b["input_ids"].shape) for b in batches],
-        "seconds_per_step_median": median, "speedup_compiled_over_plain": median["plain"] / median["compiled"],
-        "first_pass_seconds": first, "all_seconds": times,
-        "loss": losses, "max_loss_difference": max(abs(a - b) for a, b in zip(losses["plain"], losses["compiled"])),
+        "shared_prefix_tokens": [shared_prefix_length(b["input_ids"], b.get("attention_mask"), b["labels"],
+                                                      model.placeholder_id) for b in batches],
+        "seconds_per_step_median": median,
+        "speedup_over_plain": {name: median["plain"] / median[name] for name in VARIANTS if name != "plain"},
+        "speedup_compiled_over_plain": median["plain"] / median["compiled"],
+        "first_pass_seconds": first, "all_seconds": times, "loss": losses,
+        "max_loss_difference": max(abs(a - b) for name in VARIANTS for a, b in zip(losses["plain"], losses[name])),
         "command": "python -m benchmarks.compile_step " + " ".join(sys.argv[1:]),
     }
     emit(report, args.out)

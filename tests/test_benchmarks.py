@@ -120,5 +120,8 @@ def test_compile_step_benchmark_times_both_variants_on_the_same_batches(tmp_path
     importlib.import_module("benchmarks.compile_step").main()
     report = json.loads(out.read_text())
     assert len(report["batch_shapes"]) == 2 and report["batch_shapes"][0] != report["batch_shapes"][1]
+    assert set(report["all_seconds"]) == {"plain", "shared_prefix", "compiled", "compiled_shared_prefix"}
     assert {len(t) for t in report["all_seconds"].values()} == {2}
     assert report["max_loss_difference"] < 1e-5 and report["speedup_compiled_over_plain"] > 0
+    assert len(report["shared_prefix_tokens"]) == 2 and set(report["speedup_over_plain"]) == {
+        "shared_prefix", "compiled", "compiled_shared_prefix"}

@@ -82,6 +82,7 @@ class TrainSettings:
     quantization: str | None = None  # null | 4bit | 8bit: load the LLM quantized (QLoRA)
     gradient_checkpointing: bool = False
     compile: bool = False  # compile the LLM's decoder layers, one at a time (training/compiling.py)
+    share_prefix: bool = True  # the text all rows of a batch begin with runs once (`AudioLLM.forward`): same loss
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps between evaluations; null = at the end only
     save_every: int | None = None  # optimizer steps between checkpoints; null = at the end only

@@ -399,7 +399,7 @@ def _step(ctx: StepContext, group: list[list[int]], progress: Progress) -> tuple
         sync = k == len(group) - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext():
             with acc.autocast():  # the text teacher's forward too, under the run's mixed precision
-                output = model(**batch, labelled_logits_only=True)
+                output = model(**batch, labelled_logits_only=True, share_prefix=recipe.train.share_prefix)
                 loss = _loss(output, batch["labels"], teacher, core, recipe.distill)
                 if "ctc_loss" in output:
                     loss = loss + recipe.train.ctc_weight * output["ctc_loss"]

@@ -238,3 +238,78 @@ def test_windows_encoded_in_chunks_give_the_same_tokens(tiny):
     assert torch.equal(whole_lengths, chunked_lengths) and whole.shape == chunked.shape
     for i, n in enumerate(whole_lengths.tolist()):
         torch.testing.assert_close(chunked[i, :n], whole[i, :n], atol=1e-5, rtol=0)
+
+
+def with_system(conversation, text="You are a careful listener who answers in a few words, and only from the audio."):
+    return [{"role": "system", "content": text}, *conversation]
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2_lora"])
+def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(llm):
+    from peft import LoraConfig, get_peft_model
+
+    import eardrum.adapters.model as model_module
+
+    model, proc = assemble(tiny_qwen2(vocab_size=len(build_tokenizer("chatml")))) if llm != "llama" else assemble()
+    if llm == "qwen2_lora":
+        model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    else:  # frozen LLM, as in stage 1: only the projector learns, through the rows after the prefix
+        model.llm.requires_grad_(False)
+    batch = proc([with_system(conv(0.5)), with_system(conv(1.7, answer="one two three four", seed=3)),
+                  with_system(conv(0.9, question="and this?", answer="ok", seed=4))])
+    prefix = model_module.shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                               model.placeholder_id)
+    assert prefix >= model_module.MIN_SHARED_PREFIX  # the system turn and the user turn's header
+    lengths = []
+    model.llm.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[:2]),
+                                        with_kwargs=True)
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        out = model(**batch, labelled_logits_only=True, share_prefix=share)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (shared, shared_grads) = results
+    rows, length = batch["input_ids"].shape
+    assert lengths == [(rows, length), (1, prefix), (rows, length - prefix)]  # the prefix ran once, for one row
+    torch.testing.assert_close(shared.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(shared.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    assert shared["logit_positions"].tolist() == plain["logit_positions"].tolist()
+    assert plain_grads.keys() == shared_grads.keys() and any(n.startswith("projector.") for n in plain_grads)
+    assert (llm == "qwen2_lora") == any("lora_A" in n for n in plain_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_the_shared_prefix_stops_at_what_differs_and_before_the_first_label(tiny):
+    from eardrum.adapters.model import MIN_SHARED_PREFIX, shared_prefix_length
+
+    model, proc = tiny
+    batch = proc([with_system(conv(0.5)), with_system(conv(0.9, seed=3))])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prefix = shared_prefix_length(ids, mask, labels, model.placeholder_id)
+    first_audio = int((ids[0] == model.placeholder_id).nonzero()[0])
+    assert MIN_SHARED_PREFIX <= prefix <= first_audio  # audio is never shared: it differs from row to row
+    early = labels.clone()
+    early[1, prefix - 2] = 7  # a label inside the shared text: position prefix - 3 predicts it
+    assert shared_prefix_length(ids, mask, early, model.placeholder_id) in (0, prefix - 3)
+    other = proc([with_system(conv(0.5)), with_system(conv(0.9, seed=3), text="Be brief.")])
+    assert shared_prefix_length(other["input_ids"], other["attention_mask"], other["labels"],
+                                model.placeholder_id) < MIN_SHARED_PREFIX  # the system turns differ early on
+    left = proc([with_system(conv(0.5)), with_system(conv(1.9, seed=3))], padding_side="left")
+    assert shared_prefix_length(left["input_ids"], left["attention_mask"], left["labels"], model.placeholder_id) == 0
+    one = proc([with_system(conv(0.5))])
+    assert shared_prefix_length(one["input_ids"], one["attention_mask"], one["labels"], model.placeholder_id) == 0
+
+
+def test_no_prefix_is_shared_under_gradient_checkpointing_or_given_positions(tiny):
+    from eardrum.adapters.model import can_share_prefix
+
+    model, _ = tiny
+    assert can_share_prefix(model.llm, {})
+    assert not can_share_prefix(model.llm, {"position_ids": torch.zeros(1, 4, dtype=torch.long)})
+    model.llm.gradient_checkpointing_enable()
+    try:
+        assert not can_share_prefix(model.llm, {})  # each checkpointed layer would be called without the cache
+    finally:
+        model.llm.gradient_checkpointing_disable()

@@ -32,21 +32,25 @@ def _model():
     return model.float().train(), processor
 
 
-def _batch(processor, packed: bool) -> dict:
-    rng = np.random.default_rng(0)
+SYSTEM = [{"role": "system", "content": "You listen to the recording and answer in a few words."}]
+
+
+def _batch(processor, packed: bool, system: bool = False, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
     convs = []
-    for seconds, answer in ((0.6, "a short tone"), (1.7, "two beeps, then a longer tone"), (1.1, "three")):
+    for seconds, answer in ((0.6, "a short tone"), (1.7 + seed / 4, "two beeps, then a longer tone"), (1.1, "three")):
         wave = (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
-        convs.append([{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)},
+        convs.append([*(SYSTEM if system else []),
+                      {"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)},
                                                    {"type": "text", "text": "what is it?"}]},
                       {"role": "assistant", "content": answer}])
     batch = processor(convs)
     return pack_batch(batch) if packed else batch
 
 
-def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(model, batch, share_prefix: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, labelled_logits_only=True).loss
+    loss = model(**batch, labelled_logits_only=True, share_prefix=share_prefix).loss
     loss.backward()
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -65,6 +69,32 @@ def test_compiled_layers_give_the_loss_and_gradients_of_the_plain_model(packed):
     assert loss == pytest.approx(plain_loss, rel=1e-6) and grads.keys() == plain_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_layers_after_a_shared_prefix_compute_the_same_and_compile_once_for_all_layers():
+    """The shared prefix (`AudioLLM.forward(share_prefix=True)`) reaches the compiled layers as keys and values, not
+    as a KV cache: a cache is read by each layer's own index, which would compile one graph per layer."""
+    from torch._dynamo.utils import counters
+
+    from eardrum.adapters.model import shared_prefix_length
+
+    model, processor = _model()
+    batches = [_batch(processor, packed=False, system=True, seed=seed) for seed in range(3)]
+    assert all(shared_prefix_length(b["input_ids"], b["attention_mask"], b["labels"], model.placeholder_id)
+               for b in batches)
+    plain = [_loss_and_grads(model, b) for b in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    compiling.compile_decoder_layers(model.llm, backend="eager")
+    for b, (plain_loss, plain_grads) in zip(batches, plain):
+        loss, grads = _loss_and_grads(model, b, share_prefix=True)
+        assert loss == pytest.approx(plain_loss, rel=1e-6) and grads.keys() == plain_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    graphs = counters["stats"]["unique_graphs"]
+    for b in batches:  # lengths seen before: nothing compiles again
+        _loss_and_grads(model, b, share_prefix=True)
+    assert counters["stats"]["unique_graphs"] == graphs <= 4 and not counters["graph_break"]
 
 
 def test_a_model_without_decoder_layers_is_named():
