@@ -73,14 +73,20 @@ def _spans_of(position_ids: torch.Tensor | None, length: int) -> list[tuple[int,
 PREFIX_ATTRIBUTE = "_eardrum_prefix"  # an attention module's (keys, values) of a shared prefix, inside `shared_prefix`
 
 
+def attention_modules(llm: nn.Module) -> list[nn.Module]:
+    """The attention modules of a causal LM (plain or peft-wrapped) that know their layer (`layer_idx`), as
+    transformers' decoder layers hold them."""
+    return [m for m in llm.modules() if isinstance(getattr(m, "layer_idx", None), int)
+            and type(m).__name__.endswith("Attention")]
+
+
 @contextlib.contextmanager
 def shared_prefix(llm: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Iterator[None]:
     """Inside the block every attention layer of `llm` (its modules with a `layer_idx`) reads the keys and values
     `keys_values[layer_idx]` ((1, H_kv, P, D) each, a prefix every row shares, its positions 0..P-1) before the
     positions it is given: the rows attend to the prefix as if it stood at their start. The caller gives those
     rows `position_ids` counting from P and an attention mask of their own positions only."""
-    modules = [m for m in llm.modules() if isinstance(getattr(m, "layer_idx", None), int)
-               and type(m).__name__.endswith("Attention")]
+    modules = attention_modules(llm)
     if len(modules) != len(keys_values):
         raise ValueError(f"shared prefix: {len(keys_values)} layers of keys and values for {len(modules)} attention "
                          "modules")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .attention import PACKED_SDPA, not_packed, shared_prefix, use_packed_attention
+from .attention import PACKED_SDPA, attention_modules, not_packed, shared_prefix, use_packed_attention
 from .config import AudioLLMConfig, num_audio_tokens
 from .encoders import SpeechEncoder
 from .merge import merge_audio_tokens, text_ids_for_embedding
@@ -201,7 +201,7 @@ class AudioLLM(nn.Module):
 
     def _lm_forward(self, embeds, attention_mask, labels, labelled_logits_only, prefix: int = 0, **llm_kwargs):
         """The LLM on merged embeddings, with the loss (on labelled positions only, if asked); the first `prefix`
-        positions, the same in every row, run once (`_prefix_cache`)."""
+        positions, the same in every row, run once (`_prefix_keys_values`)."""
         if attention_mask is not None:
             attention_mask = attention_mask.to(embeds.device)
         if labels is not None:
@@ -373,14 +373,15 @@ def can_share_prefix(llm: nn.Module, llm_kwargs: dict) -> bool:
     """Whether `AudioLLM.forward(share_prefix=True)` can run the shared prefix once for this causal LM and these
     extra arguments: its attention is eardrum's SDPA (`attention.PACKED_SDPA`, which reads the prefix's keys and
     values) over full attention (no sliding window), its forward takes a KV cache and `logits_to_keep`, no
-    gradient checkpointing (its backward would run the layers again after the prefix is gone), no positions are
-    given (packed rows: one row, nothing shared)."""
+    gradient checkpointing (its backward would run the layers again after the prefix is gone), one attention
+    module per layer that knows its index, no positions are given (packed rows: one row, nothing shared)."""
     config = _base_config(llm)
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return (getattr(config, "_attn_implementation", None) == PACKED_SDPA and not sliding
             and takes_logits_to_keep(llm) and bool({"cache", "past_key_values"} & forward_parameters(llm))
             and not any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+            and len(attention_modules(base)) == getattr(config, "num_hidden_layers", None)
             and "position_ids" not in llm_kwargs)
 
 
