@@ -141,8 +141,10 @@ def measure(models: Models, trainers: Trainers, settings: dict, peak_flops: floa
     plain = (lambda: uncompiled(model.llm)) if compiled else contextlib.nullcontext
 
     def eardrum_step(inputs: Callable[[], dict]) -> dict:
-        return _step(lambda: model(**inputs(), labelled_logits_only=True).loss, trainers.optimizer,
-                     PeakMemory(dev, not_ours))
+        # share_prefix off (the trainer's default is on): the same tokens computed as the peer computes them, so
+        # that the model FLOPs behind the MFU figures are the work both did
+        return _step(lambda: model(**inputs(), labelled_logits_only=True, share_prefix=False).loss,
+                     trainers.optimizer, PeakMemory(dev, not_ours))
 
     def plain_step(inputs: Callable[[], dict]) -> dict:
         with plain():
@@ -150,7 +152,7 @@ def measure(models: Models, trainers: Trainers, settings: dict, peak_flops: floa
 
     contenders = {
         "peer": lambda: _step(lambda: trainers.peer(**peer).loss, trainers.peer_optimizer, PeakMemory(dev, not_peer)),
-        # eardrum's step as its trainer runs it: logits (and the loss) only where a label is predicted
+        # eardrum's step as its trainer runs it (less the shared prefix): logits and loss only at labels
         "eardrum": lambda: plain_step(lambda: ours),
         "eardrum_cached": lambda: plain_step(cached),
     }
