@@ -33,7 +33,7 @@ from torch import nn
 from transformers import LogitsProcessorList, StaticCache, StoppingCriteriaList
 from transformers.generation import RepetitionPenaltyLogitsProcessor
 
-from .model import cache_argument, forward_parameters, takes_logits_to_keep
+from .model import base_model, cache_argument, forward_parameters, takes_logits_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ def supports(generate_kwargs: dict) -> bool:
     return (set(generate_kwargs) <= SUPPORTED and not generate_kwargs.get("do_sample")
             and generate_kwargs.get("cache_implementation", "static") == "static"
             and generate_kwargs.get("max_new_tokens") is not None)
-
-
-def _base(llm: nn.Module) -> nn.Module:
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 class _StepArguments:
@@ -79,7 +75,7 @@ def _last_logits(llm: nn.Module, **inputs) -> torch.Tensor:
 def _can_compile(llm: nn.Module) -> bool:
     """Whether the decoding step of `llm` is compiled: on CUDA, unless its quantization cannot be compiled or
     its weights are offloaded (the cases transformers' `generate` leaves uncompiled too)."""
-    base = _base(llm)
+    base = base_model(llm)
     if next(llm.parameters()).device.type != "cuda":
         return False
     quantizer = getattr(base, "hf_quantizer", None)
@@ -173,7 +169,7 @@ def _static_cache(llm: nn.Module, batch: int, length: int) -> StaticCache:
     if kept is not None and kept[0] == (batch, length):
         kept[1].reset()
         return kept[1]
-    cache = StaticCache(config=_base(llm).config, max_cache_len=length)
+    cache = StaticCache(config=base_model(llm).config, max_cache_len=length)
     llm.__dict__["_eardrum_static_cache"] = ((batch, length), cache)
     return cache
 

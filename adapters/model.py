@@ -177,7 +177,7 @@ class AudioLLM(nn.Module):
         """prefix_embeds (1, P, D_llm) -> each layer's keys and values of them ((1, H_kv, P, D_head) each), for
         `attention.shared_prefix`. A small pass, run as written even where the layers are compiled
         (`train.compile`: a one-row graph beside the batch's would be one more to compile)."""
-        cache = DynamicCache(config=_base_config(self.llm))
+        cache = DynamicCache(config=base_model(self.llm).config)
         ones = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)  # (1, P)
         kwargs = {cache_argument(self.llm): cache, "logits_to_keep": 1}
         with not_packed(), torch.compiler.set_stance("force_eager"):  # one row, one example
@@ -375,8 +375,8 @@ def can_share_prefix(llm: nn.Module, llm_kwargs: dict) -> bool:
     values) over full attention (no sliding window), its forward takes a KV cache and `logits_to_keep`, no
     gradient checkpointing (its backward would run the layers again after the prefix is gone), one attention
     module per layer that knows its index, no positions are given (packed rows: one row, nothing shared)."""
-    config = _base_config(llm)
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_model(llm)
+    config = base.config
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return (getattr(config, "_attn_implementation", None) == PACKED_SDPA and not sliding
             and takes_logits_to_keep(llm) and bool({"cache", "past_key_values"} & forward_parameters(llm))
@@ -385,16 +385,15 @@ def can_share_prefix(llm: nn.Module, llm_kwargs: dict) -> bool:
             and "position_ids" not in llm_kwargs)
 
 
-def _base_config(llm: nn.Module):
-    """The transformers config of the causal LM under any peft wrapper."""
-    return (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
+def base_model(llm: nn.Module) -> nn.Module:
+    """The transformers causal LM under any peft wrapper (the LLM itself when it has none)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 def forward_parameters(llm: nn.Module) -> frozenset[str]:
     """The argument names of the forward of the causal LM under any peft wrapper (they differ by transformers
     version)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return _forward_parameters(type(base))
+    return _forward_parameters(type(base_model(llm)))
 
 
 @functools.cache

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from eardrum.adapters.model import base_model
+
 logger = logging.getLogger(__name__)
 
 BACKEND = "inductor"  # torch.compile's backend for train.compile (tests trace with "eager")
@@ -24,7 +26,7 @@ BACKEND = "inductor"  # torch.compile's backend for train.compile (tests trace w
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     """The decoder layers of a causal LM (under any peft wrapper): the first `nn.ModuleList` whose modules are
     its repeated blocks (`...DecoderLayer`, `...Block`); ValueError naming the model's class when there is none."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_model(llm)
     for module in base.modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(
                 type(m).__name__.endswith(("DecoderLayer", "Block", "Layer")) for m in module):
