@@ -303,11 +303,24 @@ def test_the_shared_prefix_stops_at_what_differs_and_before_the_first_label(tiny
 
 
 def test_no_prefix_is_shared_under_gradient_checkpointing_or_given_positions(tiny):
+    from eardrum.adapters.attention import PACKED_SDPA
     from eardrum.adapters.model import can_share_prefix
 
     model, _ = tiny
     assert can_share_prefix(model.llm, {})
     assert not can_share_prefix(model.llm, {"position_ids": torch.zeros(1, 4, dtype=torch.long)})
+    config = model.llm.config
+    config.sliding_window = 16  # a window: keys past it must not be seen, and the prefix is always seen
+    try:
+        assert not can_share_prefix(model.llm, {})
+    finally:
+        config.sliding_window = None
+    config._attn_implementation = "eager"  # only eardrum's SDPA reads the prefix's keys and values
+    try:
+        assert not can_share_prefix(model.llm, {})
+    finally:
+        config._attn_implementation = PACKED_SDPA
+    assert can_share_prefix(model.llm, {})
     attention = [m for m in model.llm.modules() if type(m).__name__.endswith("Attention")]
     kept = attention[0].layer_idx
     del attention[0].layer_idx  # an attention module that does not know its layer: its keys cannot be handed to it
