@@ -8,6 +8,10 @@ above a threshold hinted "nothing" (`model.transcript_no_speech`).
 Reported for each setting: invented transcripts on the demo's clips without speech (overall and per kind), WER
 on its held-out speech and on held-out spoken questions asked to be transcribed, and WER on the real-speech set
 (`eardrum.demo.real_speech`, where it can be had); Whisper's no-speech probability on each set's clips.
+
+What the gate saves in time: `--timing-clips N` (with `--timing-only`, nothing else) decodes the hints of the
+first N training sounds and the first N training sentences afresh (no cache), every window decoded and gated
+in turn, and reports the median seconds of `--repeats` rounds for each.
 """
 
 from __future__ import annotations
@@ -83,20 +87,68 @@ def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_siz
     return report
 
 
+def decode_seconds(base, data: Path, threshold: float, clips: int, repeats: int) -> dict:
+    """Seconds to decode the hints of the first `clips` training sounds and training sentences of `data` with
+    the Whisper of `base` (a WhisperTranscriber), every window decoded and gated at `threshold`, in turn,
+    `repeats` rounds; a fresh transcriber each time (nothing cached). Returns {set: {"clips", "seconds":
+    {setting: median}, "ratio": every-window seconds / gated seconds}}."""
+    from eardrum.adapters.audio import load_audio
+    from eardrum.adapters.transcribe import WhisperTranscriber
+
+    report: dict = {"clips": clips, "repeats": repeats}
+    for name, file in (("training sounds", "caption_train.jsonl"), ("training sentences", "asr_train.jsonl")):
+        lines = [json.loads(x) for x in (data / file).read_text().splitlines() if x.strip()]
+        speaking = [line for line in lines if line.get("transcript") != ""]  # the lines the demo decodes
+        waves = [load_audio(data / line["audio"]) for line in speaking[:clips]]
+        times: dict[str, list[float]] = {"every window decoded": [], f"no-speech gate {threshold}": []}
+        for _ in range(repeats):
+            for label, gate in zip(times, (None, threshold)):
+                fresh = WhisperTranscriber(base.whisper, base.feature_extractor, base.tokenizer,
+                                           max_new_tokens=base.max_new_tokens, batch_size=base.batch_size,
+                                           language=base.decode_options.get("language"), no_speech_threshold=gate)
+                started = time.perf_counter()
+                fresh(waves)
+                times[label].append(time.perf_counter() - started)
+        medians = {label: statistics.median(values) for label, values in times.items()}
+        plain, gated = medians.values()
+        report[name] = {"clips": len(waves), "seconds": {k: round(v, 2) for k, v in medians.items()},
+                        "ratio": round(plain / max(gated, 1e-9), 2)}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a hinted checkpoint folder")
     parser.add_argument("--data", type=Path, required=True, help="a demo data build (demo-data/demo-KEY)")
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    parser.add_argument("--timing-clips", type=int, default=0, help="also time decoding this many training clips")
+    parser.add_argument("--timing-only", action="store_true", help="only the timing (needs --timing-clips)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (the median is reported)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if not 0 < args.threshold < 1:
         parser.error(f"--threshold: expected a probability between 0 and 1, got {args.threshold}")
     if not (args.data / "nospeech_test.jsonl").is_file():
         parser.error(f"--data {args.data}: no nospeech_test.jsonl there; expected a demo data build")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = measure(args.model, args.data, args.threshold, Path(tmp))
-    report.update(**machine(), command=" ".join(sys.argv))
+    if args.timing_only and args.timing_clips < 1:
+        parser.error("--timing-only: give --timing-clips N (N >= 1)")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    report: dict = {"model": str(args.model), "data": str(args.data), "threshold": args.threshold}
+    if not args.timing_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = measure(args.model, args.data, args.threshold, Path(tmp))
+    if args.timing_clips:
+        from eardrum.adapters.placement import load_placed
+
+        transcriber = load_placed(args.model)[0].transcriber
+        if transcriber is None:
+            parser.error(f"--model {args.model}: no transcript hints there (model.transcript_hint); nothing to time")
+        report["decode_seconds"] = decode_seconds(transcriber, args.data, args.threshold, args.timing_clips,
+                                                  args.repeats)
+    report.update(**machine(), threads=args.threads, command=" ".join(sys.argv))
     emit(report, args.out)
 
 

@@ -125,3 +125,32 @@ def test_compile_step_benchmark_times_both_variants_on_the_same_batches(tmp_path
     assert report["max_loss_difference"] < 1e-5 and report["speedup_compiled_over_plain"] > 0
     assert len(report["shared_prefix_tokens"]) == 2 and set(report["speedup_over_plain"]) == {
         "shared_prefix", "compiled", "compiled_shared_prefix"}
+
+
+def test_no_speech_gate_timing_decodes_every_window_once_and_the_gated_none_it_calls_speechless(tmp_path,
+                                                                                                monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    from benchmarks.no_speech_gate import decode_seconds
+    from conftest import build_tokenizer, tiny_whisper, whisper_feature_extractor
+    from eardrum.adapters.transcribe import WhisperTranscriber
+
+    clips = Path(__file__).resolve().parent / "assets" / "tiny_data" / "clips"
+    for name in ("caption_train", "asr_train"):
+        rows = [{"audio": str(clips / f"sound{k}_v0.wav"), "text": "two beeps"} for k in range(3)]
+        rows.append({"audio": str(clips / "sound0_v1.wav"), "text": "no speech", "transcript": ""})  # never decoded
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whisper, tokenizer = tiny_whisper(), build_tokenizer("chatml")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|nocaptions|>"]})
+    base = WhisperTranscriber(whisper, whisper_feature_extractor(), tokenizer, max_new_tokens=2)
+    monkeypatch.setattr(WhisperTranscriber, "no_speech_probability", lambda self, encoded: torch.ones(
+        len(encoded.last_hidden_state)))  # every window sounds speechless to the gate
+    decoded = []
+    real = whisper.generate
+    monkeypatch.setattr(whisper, "generate", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    report = decode_seconds(base, tmp_path, 0.6, clips=2, repeats=2)
+    for name in ("training sounds", "training sentences"):
+        assert report[name]["clips"] == 2
+        assert set(report[name]["seconds"]) == {"every window decoded", "no-speech gate 0.6"}
+    assert len(decoded) == 2 * 2  # two sets x two rounds, one batch each, all from the ungated transcriber
