@@ -27,6 +27,16 @@ from pathlib import Path
 from .report_io import emit, machine
 
 
+def gated_like(transcriber, gate: float | None):
+    """A new WhisperTranscriber with `transcriber`'s Whisper and settings, gated at `gate` (None: every window
+    decoded); its transcripts, and any cache file it is given, are its own."""
+    from eardrum.adapters.transcribe import WhisperTranscriber
+
+    return WhisperTranscriber(transcriber.whisper, transcriber.feature_extractor, transcriber.tokenizer,
+                              max_new_tokens=transcriber.max_new_tokens, batch_size=transcriber.batch_size,
+                              language=transcriber.decode_options.get("language"), no_speech_threshold=gate)
+
+
 def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_size: int = 32) -> dict:
     """Evaluate `model_dir` on the demo data in `data` without the gate and with it at `threshold`."""
     import numpy as np
@@ -34,7 +44,6 @@ def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_siz
     from eardrum.adapters.audio import load_audio
     from eardrum.adapters.placement import load_placed
     from eardrum.adapters.sources import default_cache_dir
-    from eardrum.adapters.transcribe import WhisperTranscriber
     from eardrum.demo.real_speech import evaluate_real_speech
     from eardrum.demo.run import _eardrum_wer, no_speech_scores
     from eardrum.inference.evaluation import evaluate_manifest
@@ -63,9 +72,7 @@ def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_siz
     report["no_speech_probability"] = probabilities
     for label, gate in (("every window decoded", None), (f"no-speech gate {threshold}", threshold)):
         # a transcriber of its own for each setting (its transcripts and cache file are its own)
-        heard = WhisperTranscriber(transcriber.whisper, transcriber.feature_extractor, transcriber.tokenizer,
-                                   max_new_tokens=transcriber.max_new_tokens, batch_size=transcriber.batch_size,
-                                   language=transcriber.decode_options.get("language"), no_speech_threshold=gate)
+        heard = gated_like(transcriber, gate)
         model.transcriber = loaded[1].transcriber = heard
         prepare_transcriber(heard, default_cache_dir() / "features", "auto")
         started = time.perf_counter()
@@ -93,7 +100,6 @@ def decode_seconds(base, data: Path, threshold: float, clips: int, repeats: int)
     `repeats` rounds; a fresh transcriber each time (nothing cached). Returns {set: {"clips", "seconds":
     {setting: median}, "ratio": every-window seconds / gated seconds}}."""
     from eardrum.adapters.audio import load_audio
-    from eardrum.adapters.transcribe import WhisperTranscriber
 
     report: dict = {"clips": clips, "repeats": repeats}
     for name, file in (("training sounds", "caption_train.jsonl"), ("training sentences", "asr_train.jsonl")):
@@ -103,9 +109,7 @@ def decode_seconds(base, data: Path, threshold: float, clips: int, repeats: int)
         times: dict[str, list[float]] = {"every window decoded": [], f"no-speech gate {threshold}": []}
         for _ in range(repeats):
             for label, gate in zip(times, (None, threshold)):
-                fresh = WhisperTranscriber(base.whisper, base.feature_extractor, base.tokenizer,
-                                           max_new_tokens=base.max_new_tokens, batch_size=base.batch_size,
-                                           language=base.decode_options.get("language"), no_speech_threshold=gate)
+                fresh = gated_like(base, gate)
                 started = time.perf_counter()
                 fresh(waves)
                 times[label].append(time.perf_counter() - started)
