@@ -37,25 +37,34 @@ def gated_like(transcriber, gate: float | None):
                               language=transcriber.decode_options.get("language"), no_speech_threshold=gate)
 
 
-def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_size: int = 32) -> dict:
-    """Evaluate `model_dir` on the demo data in `data` without the gate and with it at `threshold`."""
+def load_hinted(model_dir: Path) -> tuple:
+    """`load_placed(model_dir)` for a hinted checkpoint whose Whisper has a no-speech token; SystemExit naming
+    `model_dir` otherwise."""
+    from eardrum.adapters.placement import load_placed
+
+    loaded = load_placed(model_dir)
+    transcriber = getattr(loaded[0], "transcriber", None)
+    if transcriber is None:
+        raise SystemExit(f"{model_dir}: no transcript hints here (model.transcript_hint); nothing to gate")
+    if not transcriber.no_speech_ids:
+        raise SystemExit(f"{model_dir}: its Whisper has no no-speech token")
+    return loaded
+
+
+def measure(loaded: tuple, model_dir: Path, data: Path, threshold: float, work: Path, batch_size: int = 32) -> dict:
+    """Evaluate `loaded` (`load_hinted(model_dir)`) on the demo data in `data` without the gate and with it at
+    `threshold`. The model's transcriber is replaced by each setting's in turn."""
     import numpy as np
 
     from eardrum.adapters.audio import load_audio
-    from eardrum.adapters.placement import load_placed
     from eardrum.adapters.sources import default_cache_dir
     from eardrum.demo.real_speech import evaluate_real_speech
     from eardrum.demo.run import _eardrum_wer, no_speech_scores
     from eardrum.inference.evaluation import evaluate_manifest
     from eardrum.training.setup import prepare_transcriber
 
-    loaded = load_placed(model_dir)
     model = loaded[0]
-    transcriber = getattr(model, "transcriber", None)
-    if transcriber is None:
-        raise SystemExit(f"{model_dir}: no transcript hints here (model.transcript_hint); nothing to gate")
-    if not transcriber.no_speech_ids:
-        raise SystemExit(f"{model_dir}: its Whisper has no no-speech token")
+    transcriber = model.transcriber
     report: dict = {"model": str(model_dir), "data": str(data), "threshold": threshold, "settings": {}}
     sets = {"nospeech": "nospeech_test.jsonl", "asr": "asr_test.jsonl", "questions_asr": "questions_asr_test.jsonl"}
     # Whisper's no-speech probability per clip of each set (what the gate reads)
@@ -97,9 +106,10 @@ def measure(model_dir: Path, data: Path, threshold: float, work: Path, batch_siz
 def decode_seconds(base, data: Path, threshold: float, clips: int, repeats: int) -> dict:
     """Seconds to decode the hints of the first `clips` training sounds and training sentences of `data` with
     the Whisper of `base` (a WhisperTranscriber), every window decoded and gated at `threshold`, in turn,
-    `repeats` rounds; a fresh transcriber each time (nothing cached). Returns {set: {"clips", "seconds":
-    {setting: median}, "ratio": every-window seconds / gated seconds}}."""
+    `repeats` rounds; a fresh transcriber each time (nothing cached), at the precision the demo decodes in.
+    Returns {set: {"clips", "seconds": {setting: median}, "ratio": every-window seconds / gated seconds}}."""
     from eardrum.adapters.audio import load_audio
+    from eardrum.training.setup import prepare_transcriber
 
     report: dict = {"clips": clips, "repeats": repeats}
     for name, file in (("training sounds", "caption_train.jsonl"), ("training sentences", "asr_train.jsonl")):
@@ -110,6 +120,7 @@ def decode_seconds(base, data: Path, threshold: float, clips: int, repeats: int)
         for _ in range(repeats):
             for label, gate in zip(times, (None, threshold)):
                 fresh = gated_like(base, gate)
+                prepare_transcriber(fresh, None, "auto")  # memory only; bf16 autocast where the demo's hints use it
                 started = time.perf_counter()
                 fresh(waves)
                 times[label].append(time.perf_counter() - started)
@@ -135,23 +146,21 @@ def main() -> None:
         parser.error(f"--threshold: expected a probability between 0 and 1, got {args.threshold}")
     if not (args.data / "nospeech_test.jsonl").is_file():
         parser.error(f"--data {args.data}: no nospeech_test.jsonl there; expected a demo data build")
-    if args.timing_only and args.timing_clips < 1:
-        parser.error("--timing-only: give --timing-clips N (N >= 1)")
+    if args.timing_clips < 0 or (args.timing_only and args.timing_clips < 1):
+        parser.error(f"--timing-clips: expected a count >= {int(args.timing_only)}, got {args.timing_clips}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     import torch
 
     torch.set_num_threads(args.threads)
+    loaded = load_hinted(args.model)
+    base = loaded[0].transcriber  # the checkpoint's own, before `measure` swaps in its settings'
     report: dict = {"model": str(args.model), "data": str(args.data), "threshold": args.threshold}
     if not args.timing_only:
         with tempfile.TemporaryDirectory() as tmp:
-            report = measure(args.model, args.data, args.threshold, Path(tmp))
+            report = measure(loaded, args.model, args.data, args.threshold, Path(tmp))
     if args.timing_clips:
-        from eardrum.adapters.placement import load_placed
-
-        transcriber = load_placed(args.model)[0].transcriber
-        if transcriber is None:
-            parser.error(f"--model {args.model}: no transcript hints there (model.transcript_hint); nothing to time")
-        report["decode_seconds"] = decode_seconds(transcriber, args.data, args.threshold, args.timing_clips,
-                                                  args.repeats)
+        report["decode_seconds"] = decode_seconds(base, args.data, args.threshold, args.timing_clips, args.repeats)
     report.update(**machine(), threads=args.threads, command=" ".join(sys.argv))
     emit(report, args.out)
 
