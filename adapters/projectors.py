@@ -38,6 +38,7 @@ class ProjectorConfig:
     name: str = "mlp"  # a key of PROJECTORS: linear | mlp | stack | conv | qformer, or a registered one
     hidden_dim: int | None = None  # inner width H of mlp/stack/conv/qformer; None -> D_llm
     stack_factor: int = 4  # stack: frames per token; 4 -> 12.5 tokens/s from Whisper's 50 frames/s
+    context_layers: int = 0  # stack: bidirectional GRU layers across a clip's tokens (0: each token alone)
     conv_layers: int = 2  # conv: number of strided Conv1d layers
     conv_kernel: int = 3  # conv: kernel size of every layer; padding is conv_kernel // 2
     conv_stride: int = 2  # conv: stride of every layer
@@ -60,11 +61,19 @@ class ProjectorConfig:
             found.append(f"hidden_dim must be a positive int or None, got {self.hidden_dim!r}")
         for field in dataclasses.fields(self):  # every plain-int setting is a count or a size
             value = getattr(self, field.name)
-            if field.type in ("int", int) and not _is_positive_int(value):
+            if field.name in _MAY_BE_ZERO:
+                if not (_is_positive_int(value) or type(value) is int and value == 0):
+                    found.append(f"{field.name} must be an int >= 0, got {value!r}")
+            elif field.type in ("int", int) and not _is_positive_int(value):
                 found.append(f"{field.name} must be a positive int, got {value!r}")
         dropout_ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
         if not (dropout_ok and 0.0 <= self.dropout < 1.0):
             found.append(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.name == "stack" and _is_positive_int(self.context_layers) and _is_positive_int(hidden) and hidden % 2:
+            found.append(
+                f"context_layers={self.context_layers} needs an even inner width (half per GRU direction), "
+                f"got {hidden} (hidden_dim, or D_llm when hidden_dim is None)"
+            )
         heads = self.qformer_heads
         if self.name == "qformer" and _is_positive_int(hidden) and _is_positive_int(heads) and hidden % heads:
             found.append(
@@ -86,6 +95,9 @@ class ProjectorConfig:
         config = cls(**data)
         config.validate()
         return config
+
+
+_MAY_BE_ZERO = {"context_layers"}  # int settings where 0 means "none"
 
 
 def _is_positive_int(value: object) -> bool:
@@ -271,12 +283,16 @@ class MLPProjector(_OneTokenPerFrame):
 
 @register_projector("stack")
 class StackProjector(Projector):
-    """Stack k frames into one token, then a gated MLP.
+    """Stack k frames into one token, then a gated MLP, optionally with context across the tokens.
 
     k = stack_factor; N = ceil(T / k); D_enc, H, D_llm as in the module docstring.
     frames (B, T, D_enc) -> zero-pad T to N*k -> (B, N, k*D_enc) -> LayerNorm(k*D_enc)
-    -> Linear(k*D_enc, 2H) -> SwiGLU: silu(a) * b over the halves a, b (B, N, H) -> Dropout
-    -> Linear(H, D_llm) -> (B, N, D_llm).
+    -> Linear(k*D_enc, 2H) -> SwiGLU: silu(a) * b over the halves a, b (B, N, H)
+    [context_layers > 0: h + BiGRU(LayerNorm(h)) over each clip's own N_b tokens, H/2 per direction]
+    -> Dropout -> Linear(H, D_llm) -> (B, N, D_llm).
+    Without context each token sees only its own k frames; with it a token can also say what came before
+    and after it in the clip (e.g. that it is the third beep of a group), which an LLM reads more easily
+    than it counts similar tokens.
     No final norm: every LLM block normalises its own input, while the text embeddings the audio
     tokens sit beside have a model-specific scale; the last Linear is free to learn that scale,
     a norm there would pin the tokens to unit RMS instead.
@@ -287,6 +303,16 @@ class StackProjector(Projector):
         stacked = config.stack_factor * input_dim
         self.norm = nn.LayerNorm(stacked)
         self.up = nn.Linear(stacked, 2 * self.hidden_dim)
+        self.context_norm = self.context = None
+        if config.context_layers:
+            self.context_norm = nn.LayerNorm(self.hidden_dim)
+            self.context = nn.GRU(
+                self.hidden_dim,
+                self.hidden_dim // 2,
+                num_layers=config.context_layers,
+                batch_first=True,
+                bidirectional=True,
+            )
         self.dropout = nn.Dropout(config.dropout)
         self.down = nn.Linear(self.hidden_dim, output_dim)
 
@@ -306,7 +332,24 @@ class StackProjector(Projector):
         frames = F.pad(frames, (0, 0, 0, n * k - num_frames))  # (B, N*k, D_enc)
         x = frames.reshape(batch, n, k * dim)  # (B, N, k*D_enc): frames i*k .. i*k+k-1 side by side
         a, b = self.up(self.norm(x)).chunk(2, dim=-1)  # (B, N, H) each
-        return self.down(self.dropout(F.silu(a) * b))  # (B, N, D_llm)
+        h = F.silu(a) * b  # (B, N, H)
+        if self.context is not None:
+            token_lengths = torch.div(frame_lengths + k - 1, k, rounding_mode="floor")  # (B,) = count_tokens
+            h = h + self._across_tokens(self.context_norm(h), token_lengths)
+        return self.down(self.dropout(h))  # (B, N, D_llm)
+
+    def _across_tokens(self, h: Tensor, token_lengths: Tensor) -> Tensor:
+        """The bidirectional GRU over each clip's first token_lengths[b] tokens: (B, N, H) -> (B, N, H), zero
+        beyond; packed, so a clip's padding never reaches its tokens. Runs in the GRU's own dtype (autocast
+        has no rule for it)."""
+        dtype, n = self.context.weight_ih_l0.dtype, h.shape[1]
+        with torch.autocast(h.device.type, enabled=False):
+            packed = nn.utils.rnn.pack_padded_sequence(
+                h.to(dtype), token_lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            out, _ = self.context(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=n)  # (B, N, H)
+        return out.to(h.dtype)
 
 
 @register_projector("conv")

@@ -25,6 +25,7 @@ MIXED = [61, 1, 2, 3, 5, 7, 13, 15, 16, 29, 30, 31, 47]  # one batch: partial gr
 CONFIGS = {name: ProjectorConfig(name=name, hidden_dim=HIDDEN) for name in sorted(PROJECTORS)}
 CONFIGS |= {
     "stack_k3": ProjectorConfig(name="stack", hidden_dim=HIDDEN, stack_factor=3),
+    "stack_k3_context2": ProjectorConfig(name="stack", hidden_dim=HIDDEN, stack_factor=3, context_layers=2),
     "conv_k4_s3_l3": ProjectorConfig(name="conv", hidden_dim=HIDDEN, conv_layers=3, conv_kernel=4, conv_stride=3),
     "conv_k5_s2_l1": ProjectorConfig(name="conv", hidden_dim=HIDDEN, conv_layers=1, conv_kernel=5),
     "qformer_w7_q2": ProjectorConfig(name="qformer", hidden_dim=HIDDEN, window=7, queries=2, qformer_layers=1),
@@ -131,6 +132,39 @@ def test_validate_reports_every_problem_at_once() -> None:
     ):
         assert expected in message
     assert config.stack_factor == 0  # reported, never rewritten
+
+
+def test_context_layers_may_be_zero_but_not_negative_or_fractional() -> None:
+    ProjectorConfig(name="stack", context_layers=0).validate()
+    for bad in (-1, 0.0, 1.5, True):
+        with pytest.raises(ProjectorConfigError, match=f"context_layers must be an int >= 0, got {bad!r}"):
+            ProjectorConfig(name="stack", context_layers=bad).validate()
+    with pytest.raises(ProjectorConfigError, match="context_layers=1 needs an even inner width .* got 33"):
+        build_projector(ProjectorConfig(name="stack", hidden_dim=33, context_layers=1), D_ENC, D_LLM)
+
+
+@pytest.mark.parametrize(("layers", "reaches"), [(0, False), (1, True)])
+def test_stack_context_lets_a_token_see_the_rest_of_its_clip(layers: int, reaches: bool) -> None:
+    projector = _build(ProjectorConfig(name="stack", hidden_dim=HIDDEN, stack_factor=4, context_layers=layers))
+    frames = torch.randn(1, 40, D_ENC)
+    changed = frames.clone()
+    changed[0, :4] += 1.0  # only the first token's frames
+    with torch.no_grad():
+        before, _ = projector(frames, torch.tensor([40]))
+        after, _ = projector(changed, torch.tensor([40]))
+    assert not torch.equal(before[0, 0], after[0, 0])
+    assert torch.equal(before[0, 1:], after[0, 1:]) is not reaches  # the later tokens move only with context
+
+
+def test_stack_context_runs_under_bf16_autocast() -> None:
+    projector = _build(CONFIGS["stack_k3_context2"])
+    frames, lengths = _padded_batch(MIXED)
+    with torch.no_grad():
+        exact, _ = projector(frames, lengths)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens, token_lengths = projector(frames, lengths)
+    assert tokens.dtype == torch.bfloat16
+    torch.testing.assert_close(tokens.float(), exact, rtol=0.05, atol=0.05)
 
 
 def test_unknown_name_lists_the_registered_projectors() -> None:
