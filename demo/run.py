@@ -189,13 +189,11 @@ def cascade_manifest(whisper, manifest: Path, out: Path) -> Path:
     return out
 
 
-def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: Path, say) -> tuple[Path, dict]:
-    """`out`: the transcription lines of `manifest` whose text Whisper's own transcript comes within
-    HINT_MAX_WER of (training.distill.filter_by_hint), with that transcript as their target where HINT_TARGETS,
-    clips without speech all kept. Returns `out` and what was kept ({"max_wer", "targets", "lines", "kept", ...})."""
+def _hint_transcriber(whisper_source: Path, features: Path):
+    """Whisper as stage 1's hints decode it (the recipe's no-speech gate, bf16 where `auto` picks it), reading and
+    extending the transcript cache under `features`."""
     from eardrum.adapters.sources import load_speech_model
     from eardrum.adapters.transcribe import build_transcriber
-    from eardrum.training.distill import filter_by_hint
     from eardrum.training.recipe import load_recipe
     from eardrum.training.setup import prepare_transcriber
 
@@ -203,8 +201,79 @@ def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: 
     transcriber = build_transcriber(*load_speech_model(str(whisper_source)), language=LANGUAGE,
                                     no_speech_threshold=gate)
     prepare_transcriber(transcriber, features, "auto")  # the same transcripts the trainer reads
-    summary = filter_by_hint(transcriber, manifest, out, max_wer=HINT_MAX_WER, normalise=spell_digits,
-                             hint_targets=HINT_TARGETS)
+    return transcriber
+
+
+def _hint_share(whisper_source: Path, features: Path, manifest: Path, share: int, shares: int, work: Path) -> None:
+    """Decode every `shares`-th line of `manifest` from line `share` (0-based) into the transcript cache, on one
+    thread: what one of the hint filter's processes does (`_decode_hints`)."""
+    import torch
+
+    from eardrum.training.distill import filter_by_hint
+
+    torch.set_num_threads(1)
+    rows = []
+    for raw in manifest.read_text().splitlines()[share::shares]:
+        try:
+            row = json.loads(raw)
+            if not Path(row["audio"]).is_absolute():  # the part lives elsewhere: its paths must not move
+                row["audio"] = str((manifest.parent / row["audio"]).resolve())
+            rows.append(json.dumps(row) + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the whole manifest's filter, after this, names it
+    part = work / f"hints-{share}-of-{shares}.jsonl"
+    part.write_text("".join(rows))
+    try:  # its kept lines are not used, the transcripts it caches are
+        filter_by_hint(_hint_transcriber(whisper_source, features), part, part.with_suffix(".kept.jsonl"),
+                       max_wer=HINT_MAX_WER)
+    finally:
+        part.unlink()
+        part.with_suffix(".kept.jsonl").unlink(missing_ok=True)
+
+
+def _decode_hints(whisper_source: Path, features: Path, manifest: Path, work: Path, processes: int) -> None:
+    """Fill the transcript cache with Whisper's transcripts of `manifest`'s clips in `processes` one-thread
+    processes (this one and processes - 1 started here), as the training stages share their clips: on 2 cores
+    two one-thread decoders finish sooner than one on two threads. A part that fails (a clip that cannot be
+    read, say) is logged and left: the filter over the whole manifest that follows decodes what is missing
+    and names every bad line."""
+    import multiprocessing
+
+    import torch
+
+    threads = torch.get_num_threads()
+    spawn = multiprocessing.get_context("spawn")
+    others = [spawn.Process(target=_hint_share, args=(whisper_source, features, manifest, k, processes, work))
+              for k in range(1, processes)]
+    for process in others:
+        process.start()
+    try:
+        _hint_share(whisper_source, features, manifest, 0, processes, work)
+    except Exception as err:  # noqa: BLE001 - the whole filter after this reports it properly
+        logger.warning("hint filter: part 0 of %d stopped (%s); the whole filter goes on", processes, err)
+    finally:
+        torch.set_num_threads(threads)
+        for process in others:
+            process.join()
+    for k, process in enumerate(others, start=1):
+        if process.exitcode != 0:
+            logger.warning("hint filter: part %d of %d stopped (exit code %s); the whole filter goes on", k,
+                           processes, process.exitcode)
+
+
+def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: Path, say,
+                     processes: int = 1) -> tuple[Path, dict]:
+    """`out`: the transcription lines of `manifest` whose text Whisper's own transcript comes within
+    HINT_MAX_WER of (training.distill.filter_by_hint), with that transcript as their target where HINT_TARGETS,
+    clips without speech all kept. Returns `out` and what was kept ({"max_wer", "targets", "lines", "kept", ...}).
+    With `processes` > 1 (a CPU run's training processes), the clips are first decoded in that many one-thread
+    processes (`_decode_hints`)."""
+    from eardrum.training.distill import filter_by_hint
+
+    if processes > 1:
+        _decode_hints(whisper_source, features, manifest, out.parent, processes)
+    summary = filter_by_hint(_hint_transcriber(whisper_source, features), manifest, out, max_wer=HINT_MAX_WER,
+                             normalise=spell_digits, hint_targets=HINT_TARGETS)
     say(f"transcription lines whose Whisper transcript is within {HINT_MAX_WER:.0%} WER of the text: "
         f"{summary['kept'] - summary['unchecked']} of {summary['lines'] - summary['unchecked']} kept "
         f"(+ {summary['unchecked']} without speech)" + (", Whisper's transcript as the target" if HINT_TARGETS else ""))
@@ -376,7 +445,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, assets_d
     asr_train, hint_filter = data["asr_train"], None
     if load_recipe("demo").model.transcript_hint:
         asr_train, hint_filter = _hint_consistent(assets.whisper, features, asr_train,
-                                                  out / "asr_train.hinted.jsonl", say)
+                                                  out / "asr_train.hinted.jsonl", say, processes)
         lap("hint_filter")
     # The recipes hold the data mix (tasks, weights); here only the generated files' paths are filled in.
     stage1 = _stage("demo", out / "stage1", [*common, *steps, *_paths(asr_train, data["caption_train"])], resume, say,

@@ -154,3 +154,12 @@ def test_no_speech_gate_timing_decodes_every_window_once_and_the_gated_none_it_c
         assert report[name]["clips"] == 2
         assert set(report[name]["seconds"]) == {"every window decoded", "no-speech gate 0.6"}
     assert len(decoded) == 2 * 2  # two sets x two rounds, one batch each, all from the ungated transcriber
+
+
+def test_hint_filter_benchmark_refuses_a_setting_without_a_process(capsys):
+    sys.path.insert(0, str(BENCH.parent))
+    from benchmarks.hint_filter import main
+
+    with pytest.raises(SystemExit):
+        main(["--processes", "2", "0"])
+    assert "--processes: every value must be at least 1, got [2, 0]" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +248,50 @@ def test_the_machine_card_names_the_processor_and_the_precision_auto_picks():
     assert card["cores"] == os.cpu_count() and card["cpu"] and card["torch"]
     assert card["mixed_precision"] == resolve_precision("auto") in ("bf16", "no")
     assert json.loads(json.dumps(card)) == card  # it goes into results.json as it is
+
+
+def _hint_manifest(folder: Path, bad: bool = False) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(5):
+        sf.write(folder / f"{k}.wav", 0.1 * rng.standard_normal(4000 + 800 * k).astype(np.float32), 16000)
+        rows.append({"audio": f"{k}.wav", "text": f"words number {k}"})
+    rows[3] |= {"transcript": "", "text": "There is no speech in this recording."}
+    if bad:
+        (folder / "4.wav").write_bytes(b"not audio")
+    write_jsonl(folder / "asr.jsonl", rows)
+    return folder / "asr.jsonl"
+
+
+def test_hint_filter_in_two_processes_caches_each_clip_once_and_keeps_what_one_process_keeps(tmp_path, model_dirs):
+    """The demo's hint filter on a CPU decodes half the clips in a second one-thread process first; what it writes
+    is what one process writes, every clip with speech is decoded once, and no part file is left behind."""
+    from eardrum.demo import run
+
+    manifest = _hint_manifest(tmp_path)
+    kept = {}
+    for processes in (1, 2):
+        work = tmp_path / f"p{processes}"
+        work.mkdir()
+        out, summary = run._hint_consistent(Path(model_dirs["whisper"]), work / "features", manifest,
+                                            work / "kept.jsonl", print, processes)
+        kept[processes] = (out.read_text(), summary)
+        cache = [json.loads(x) for f in (work / "features" / "transcripts").glob("*.jsonl")
+                 for x in f.read_text().splitlines()]
+        assert len(cache) == len({r["key"] for r in cache}) == 4  # the clip without speech is not decoded
+        assert sorted(p.name for p in work.iterdir()) == ["features", "kept.jsonl"]
+    assert kept[1] == kept[2]
+    assert kept[2][1]["lines"] == 5 and kept[2][1]["unchecked"] == 1
+
+
+def test_hint_filter_names_a_clip_that_cannot_be_read_even_when_its_part_was_decoded_elsewhere(tmp_path, model_dirs):
+    from eardrum.demo import run
+    from eardrum.training.distill import DistillError
+
+    manifest = _hint_manifest(tmp_path, bad=True)
+    with pytest.raises(DistillError, match=r"asr.jsonl line 5"):
+        run._hint_consistent(Path(model_dirs["whisper"]), tmp_path / "features", manifest, tmp_path / "kept.jsonl",
+                             print, 2)
