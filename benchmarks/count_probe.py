@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import time
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from eardrum.adapters.checkpoint import load_pretrained
 from eardrum.demo.data import render_events
+from eardrum.demo.run import cpu_name
 
 NEIGHBOURS = ({"type": "tone", "pitch": "low"}, {"type": "chirp", "direction": "rising"}, {"type": "noise"})
 
@@ -126,7 +126,7 @@ def main() -> None:
     probes = {f"stack_{k}": train_probe(frames, labels, int(k), train, args.epochs, args.seed)
               for k in args.stacks.split(",")}
     result = {"model": args.model, "clips": args.clips, "held_out": args.held_out, "epochs": args.epochs,
-              "probes": probes, "seconds": round(time.perf_counter() - start, 1), "machine": platform.processor(),
+              "probes": probes, "seconds": round(time.perf_counter() - start, 1), "machine": cpu_name(),
               "threads": args.threads}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

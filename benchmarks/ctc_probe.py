@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from eardrum.adapters.sources import default_cache_dir
 from eardrum.demo.assets import fetch_assets
 from eardrum.demo.data import NO_SPEECH, build_demo_data
 from eardrum.demo.real_speech import build_manifest
-from eardrum.demo.run import demo_wer
+from eardrum.demo.run import cpu_name, demo_wer
 from eardrum.training.recipe import load_recipe
 
 
@@ -153,7 +152,7 @@ def main() -> None:
               "train_share": args.train_share, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed,
               "history": history, "real_speech_examples": examples[:10],
-              "seconds": round(time.perf_counter() - start, 1), "machine": platform.processor(),
+              "seconds": round(time.perf_counter() - start, 1), "machine": cpu_name(),
               "threads": args.threads}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

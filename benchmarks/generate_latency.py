@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ from eardrum.adapters.checkpoint import build_audio_llm
 from eardrum.adapters.config import AudioLLMConfig
 from eardrum.adapters.projectors import ProjectorConfig
 from eardrum.adapters.tiny import save_tiny_bases
+from eardrum.demo.run import cpu_name
 
 QUESTION = "What is said in this recording?"
 SIZES = ("tiny", "demo")
@@ -155,7 +155,7 @@ def main() -> None:
                 flush=True,
             )
         del model
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     result = {
         "benchmark": "generate_latency",
         "device": args.device,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch
 
 from eardrum.adapters.checkpoint import load_pretrained
 from eardrum.common.records import DEFAULT_PROMPTS, DataSource, load_records
+from eardrum.demo.run import cpu_name
 from eardrum.training.collate import Collator
 from eardrum.training.lora import apply_llm_lora, freeze_for_training
 from eardrum.training.recipe import LoraSettings
@@ -73,7 +73,7 @@ def main() -> None:
             losses[name] = loss.item()
     median = {name: statistics.median(t[1:]) for name, t in times.items()}
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "machine": {"cpu": cpu_name(), "threads": args.threads,
                     "auto_precision": resolve_precision("auto"), "torch": torch.__version__},
         "model": args.model, "manifest": args.manifest, "batch_shape": list(batch["input_ids"].shape),
         "lora": args.lora, "seconds_per_step_median": median, "loss": losses,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eardrum.adapters.sources import default_cache_dir
 from eardrum.demo.real_speech import SDISTS, SET_VERSION, build_manifest, model_replies, score
-from eardrum.demo.run import whisper_reference_wer
+from eardrum.demo.run import cpu_name, whisper_reference_wer
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
         print(f"{model}: WER {100 * ours['wer']:.1f} % ({ours['wer_over_whisper']:.2f}x Whisper), "
               f"no transcript on {100 * ours['no_transcript_share']:.0f} % of clips")
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["machine"] = {"platform": platform.platform(), "processor": platform.processor()}
+    results["machine"] = {"platform": platform.platform(), "processor": cpu_name()}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

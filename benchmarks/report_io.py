@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
+
+from eardrum.demo.run import cpu_name
 
 
 def machine() -> dict:
     """What the numbers were measured on: the processor (or architecture) and the CPU count."""
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    return {"machine": cpu_name(), "cpus": os.cpu_count()}
 
 
 def emit(report: dict, out: Path | None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch
 from shapes import base_sized_whisper  # benchmarks/shapes.py: the demo models' shapes, defined once
 
 from eardrum.adapters.encoders import AudioFeaturizer, build_speech_encoder, frame_spec_from_config
+from eardrum.demo.run import cpu_name
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -69,7 +69,7 @@ def main() -> None:
         "stock_padded_30s_median_s": statistics.median(padded),
         "speedup": statistics.median(padded) / statistics.median(trimmed),
         "all_s": {"trimmed": trimmed, "padded": padded},
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": {"cpu": cpu_name(), "torch": torch.__version__},
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
