@@ -109,7 +109,8 @@ def _raise_if(problems: list[str]) -> None:
         raise ProjectorConfigError("invalid projector config:\n  - " + "\n  - ".join(problems))
 
 
-def _ceil_div(a: int, b: int) -> int:
+def _ceil_div(a: int | Tensor, b: int) -> int | Tensor:
+    """ceil(a / b) for b > 0; works on ints and integer tensors (floor division floors in both)."""
     return -(-a // b)
 
 
@@ -334,7 +335,7 @@ class StackProjector(Projector):
         a, b = self.up(self.norm(x)).chunk(2, dim=-1)  # (B, N, H) each
         h = F.silu(a) * b  # (B, N, H)
         if self.context is not None:
-            token_lengths = torch.div(frame_lengths + k - 1, k, rounding_mode="floor")  # (B,) = count_tokens
+            token_lengths = self.count_tokens(self.config, frame_lengths)  # (B,): the formula works on tensors too
             h = h + self._across_tokens(self.context_norm(h), token_lengths)
         return self.down(self.dropout(h))  # (B, N, D_llm)
 

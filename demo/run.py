@@ -204,61 +204,49 @@ def _hint_transcriber(whisper_source: Path, features: Path):
     return transcriber
 
 
-def _hint_share(whisper_source: Path, features: Path, manifest: Path, share: int, shares: int, work: Path) -> None:
-    """Decode every `shares`-th line of `manifest` from line `share` (0-based) into the transcript cache, on one
-    thread: what one of the hint filter's processes does (`_decode_hints`)."""
+def _hint_share(whisper_source: Path, features: Path, manifest: Path, share: int, shares: int) -> None:
+    """One of the hint filter's other processes (`_decode_hints`): decode share `share` of `shares` of
+    `manifest`'s clips into the transcript cache, on one thread."""
     import torch
 
-    from eardrum.training.distill import filter_by_hint
+    from eardrum.training.distill import transcribe_hints
 
     torch.set_num_threads(1)
-    rows = []
-    for raw in manifest.read_text().splitlines()[share::shares]:
-        try:
-            row = json.loads(raw)
-            if not Path(row["audio"]).is_absolute():  # the part lives elsewhere: its paths must not move
-                row["audio"] = str((manifest.parent / row["audio"]).resolve())
-            rows.append(json.dumps(row) + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # the whole manifest's filter, after this, names it
-    part = work / f"hints-{share}-of-{shares}.jsonl"
-    part.write_text("".join(rows))
-    try:  # its kept lines are not used, the transcripts it caches are
-        filter_by_hint(_hint_transcriber(whisper_source, features), part, part.with_suffix(".kept.jsonl"),
-                       max_wer=HINT_MAX_WER)
-    finally:
-        part.unlink()
-        part.with_suffix(".kept.jsonl").unlink(missing_ok=True)
+    transcribe_hints(_hint_transcriber(whisper_source, features), manifest, share=share, shares=shares)
 
 
-def _decode_hints(whisper_source: Path, features: Path, manifest: Path, work: Path, processes: int) -> None:
+def _decode_hints(transcriber, whisper_source: Path, features: Path, manifest: Path, processes: int) -> None:
     """Fill the transcript cache with Whisper's transcripts of `manifest`'s clips in `processes` one-thread
-    processes (this one and processes - 1 started here), as the training stages share their clips: on 2 cores
-    two one-thread decoders finish sooner than one on two threads. A part that fails (a clip that cannot be
-    read, say) is logged and left: the filter over the whole manifest that follows decodes what is missing
-    and names every bad line."""
+    processes (this one, with `transcriber`, and processes - 1 started here), as the training stages share their
+    clips: on 2 cores two one-thread decoders finish sooner than one on two threads. `transcriber` then knows
+    every transcript the others wrote. A share that fails (a clip that cannot be read, say) is logged and left:
+    the filter over the whole manifest that follows decodes what is missing and names every bad line."""
     import multiprocessing
 
     import torch
 
-    threads = torch.get_num_threads()
+    from eardrum.training.distill import transcribe_hints
+
     spawn = multiprocessing.get_context("spawn")
-    others = [spawn.Process(target=_hint_share, args=(whisper_source, features, manifest, k, processes, work))
+    others = [spawn.Process(target=_hint_share, args=(whisper_source, features, manifest, k, processes))
               for k in range(1, processes)]
     for process in others:
         process.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        _hint_share(whisper_source, features, manifest, 0, processes, work)
+        transcribe_hints(transcriber, manifest, share=0, shares=processes)
     except Exception as err:  # noqa: BLE001 - the whole filter after this reports it properly
-        logger.warning("hint filter: part 0 of %d stopped (%s); the whole filter goes on", processes, err)
+        logger.warning("hint filter: share 0 of %d stopped (%s); the whole filter goes on", processes, err)
     finally:
         torch.set_num_threads(threads)
         for process in others:
             process.join()
     for k, process in enumerate(others, start=1):
         if process.exitcode != 0:
-            logger.warning("hint filter: part %d of %d stopped (exit code %s); the whole filter goes on", k,
+            logger.warning("hint filter: share %d of %d stopped (exit code %s); the whole filter goes on", k,
                            processes, process.exitcode)
+    transcriber.reload()  # what the other processes appended to the cache file
 
 
 def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: Path, say,
@@ -270,10 +258,11 @@ def _hint_consistent(whisper_source: Path, features: Path, manifest: Path, out: 
     processes (`_decode_hints`)."""
     from eardrum.training.distill import filter_by_hint
 
+    transcriber = _hint_transcriber(whisper_source, features)
     if processes > 1:
-        _decode_hints(whisper_source, features, manifest, out.parent, processes)
-    summary = filter_by_hint(_hint_transcriber(whisper_source, features), manifest, out, max_wer=HINT_MAX_WER,
-                             normalise=spell_digits, hint_targets=HINT_TARGETS)
+        _decode_hints(transcriber, whisper_source, features, manifest, processes)
+    summary = filter_by_hint(transcriber, manifest, out, max_wer=HINT_MAX_WER, normalise=spell_digits,
+                             hint_targets=HINT_TARGETS)
     say(f"transcription lines whose Whisper transcript is within {HINT_MAX_WER:.0%} WER of the text: "
         f"{summary['kept'] - summary['unchecked']} of {summary['lines'] - summary['unchecked']} kept "
         f"(+ {summary['unchecked']} without speech)" + (", Whisper's transcript as the target" if HINT_TARGETS else ""))

@@ -191,7 +191,58 @@ def teacher_kl(
     return kl * temperature**2
 
 
+# what each line of a transcription manifest must be
+TRANSCRIPTION_LINE = "an object with an 'audio' path and a non-empty 'text'"
 HINT_CHUNK = 64  # clips per transcriber call in filter_by_hint (bounded memory, progress in the log)
+
+
+def _with_speech(rows: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    """The rows whose clip is not marked as holding no speech (`"transcript": ""`): those a hint filter decodes."""
+    return [(n, item) for n, item in rows if item.get("transcript") != ""]
+
+
+def _transcribe_items(transcriber: Callable[[list], list[str]], manifest: Path, items: list[tuple[int, dict]],
+                      window_seconds: float, problems: list[str]) -> dict[int, str]:
+    """{line number: `transcriber`'s transcript of its clip} for `items` ((line, item) with an absolute 'audio'),
+    HINT_CHUNK clips per call; a clip longer than `window_seconds` is transcribed window by window, the texts
+    joined. A clip that cannot be read is added to `problems` (named by `manifest` and line) and skipped."""
+    from eardrum.adapters.audio import SAMPLING_RATE, AudioError, load_audio
+    from eardrum.adapters.config import plan_windows
+
+    window = int(window_seconds * SAMPLING_RATE)
+    hints: dict[int, str] = {}
+    for start in range(0, len(items), HINT_CHUNK):
+        windows, owners = [], []
+        for n, item in items[start : start + HINT_CHUNK]:
+            try:
+                wave = load_audio(item["audio"], name=f"{manifest} line {n} ({item['audio']})")
+            except AudioError as err:
+                problems.append(str(err))
+                continue
+            for a, b in plan_windows(len(wave), window):
+                windows.append(wave[a:b])
+                owners.append(n)
+        for n, text in zip(owners, transcriber(windows) if windows else []):
+            hints[n] = f"{hints[n]} {text}" if n in hints else text
+        logger.info("hints of %s: %d of %d clips transcribed", manifest, min(start + HINT_CHUNK, len(items)),
+                    len(items))
+    return hints
+
+
+def transcribe_hints(transcriber: Callable[[list], list[str]], manifest: str | Path, *, window_seconds: float = 30.0,
+                     share: int = 0, shares: int = 1) -> dict[int, str]:
+    """{line number: transcript} for the clips with speech of the transcription manifest `manifest`, as
+    `filter_by_hint` decodes them; with `shares` > 1 only every `shares`-th of them from the `share`-th
+    (0-based), so that several processes can fill one transcript cache. Raises DistillError naming every bad
+    line and every clip of this share that cannot be read (after the rest of the share is decoded)."""
+    if not 0 <= share < shares:
+        raise ValueError(f"share: expected 0 <= share < shares={shares}, got {share}")
+    manifest = Path(manifest)
+    problems: list[str] = []
+    rows = _read_items(manifest, "text", TRANSCRIPTION_LINE, problems)
+    hints = _transcribe_items(transcriber, manifest, _with_speech(rows)[share::shares], window_seconds, problems)
+    _raise_problems(problems)
+    return hints
 
 
 def filter_by_hint(
@@ -217,8 +268,6 @@ def filter_by_hint(
     Raises DistillError naming every line without an 'audio' and a non-empty 'text', and every clip that
     cannot be read (nothing is written then). Returns {"lines", "kept", "dropped", "unchecked"}.
     """
-    from eardrum.adapters.audio import SAMPLING_RATE, AudioError, load_audio
-    from eardrum.adapters.config import plan_windows
     from eardrum.common.metrics import word_error_rate
 
     if not max_wer >= 0.0:  # NaN too
@@ -226,25 +275,8 @@ def filter_by_hint(
     manifest, out = Path(manifest), Path(out)
     normalise = normalise or (lambda text: text)
     problems: list[str] = []
-    rows = _read_items(manifest, "text", "an object with an 'audio' path and a non-empty 'text'", problems)
-    window = int(window_seconds * SAMPLING_RATE)
-    hints: dict[int, str] = {}
-    checked = [(n, item) for n, item in rows if item.get("transcript") != ""]
-    for start in range(0, len(checked), HINT_CHUNK):
-        windows, owners = [], []
-        for n, item in checked[start : start + HINT_CHUNK]:
-            try:
-                wave = load_audio(item["audio"], name=f"{manifest} line {n} ({item['audio']})")
-            except AudioError as err:
-                problems.append(str(err))
-                continue
-            for a, b in plan_windows(len(wave), window):
-                windows.append(wave[a:b])
-                owners.append(n)
-        for n, text in zip(owners, transcriber(windows) if windows else []):
-            hints[n] = f"{hints[n]} {text}" if n in hints else text
-        logger.info("filter_by_hint %s: %d of %d clips transcribed", manifest, min(start + HINT_CHUNK, len(checked)),
-                    len(checked))
+    rows = _read_items(manifest, "text", TRANSCRIPTION_LINE, problems)
+    hints = _transcribe_items(transcriber, manifest, _with_speech(rows), window_seconds, problems)
     _raise_problems(problems)
     kept = unchecked = 0
     with out.open("w") as f:

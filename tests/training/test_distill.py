@@ -151,3 +151,23 @@ def test_filter_by_hint_names_every_bad_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
     with pytest.raises(ValueError, match="max_wer"):
         filter_by_hint(lambda w: [], manifest, tmp_path / "out.jsonl", max_wer=float("nan"))
+
+
+def test_transcribe_hints_shares_the_clips_with_speech_between_processes(tmp_path):
+    from eardrum.training.distill import transcribe_hints
+
+    names = _clips(tmp_path, [1.0, 1.2, 1.4, 1.6, 1.8])
+    lines = [{"audio": name, "text": f"line {k}"} for k, name in enumerate(names)]
+    lines[1]["transcript"] = ""  # no speech: in no share
+    manifest = tmp_path / "asr.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    transcriber = lambda windows: [f"heard {len(w)}" for w in windows]  # noqa: E731
+    shares = [transcribe_hints(transcriber, manifest, share=k, shares=2) for k in range(2)]
+    assert shares == [{1: "heard 16000", 4: "heard 25600"}, {3: "heard 22400", 5: "heard 28800"}]
+    assert transcribe_hints(transcriber, manifest) == shares[0] | shares[1]
+    with pytest.raises(ValueError, match="share: expected 0 <= share < shares=2, got 2"):
+        transcribe_hints(transcriber, manifest, share=2, shares=2)
+    (tmp_path / names[3]).write_bytes(b"not audio")  # line 4: share 0's
+    with pytest.raises(DistillError, match=r"asr.jsonl line 4"):
+        transcribe_hints(transcriber, manifest, share=0, shares=2)
+    assert transcribe_hints(transcriber, manifest, share=1, shares=2) == shares[1]
